@@ -1,0 +1,3 @@
+from cyclegan.cli import main
+
+raise SystemExit(main())
