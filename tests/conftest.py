@@ -46,3 +46,7 @@ def cyclegan_exe() -> str:
     exe = shutil.which("cyclegan", path=str(BIN))
     assert exe, "the cyclegan console script is not installed (pip install -e .)"
     return exe
+
+
+# Real servers on loopback (moto S3, mlflow server), shared by the integration tests.
+pytest_plugins = ["tests.servers"]
