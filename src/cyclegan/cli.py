@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     psub = p.add_subparsers(dest="pipeline_command", metavar="ACTION", required=True)
     pc = psub.add_parser("compile", help="write the pipeline YAML")
     pc.add_argument("-o", "--output", type=Path, default=Path("cyclegan_pipeline.yaml"))
+    pc.add_argument(
+        "--image", default=None, help="project image for every step (default: $CYCLEGAN_IMAGE)"
+    )
     pr = psub.add_parser("run-local", help="run the whole pipeline under kfp.local")
     _add_params_args(pr)
     pr.add_argument("--workdir", type=Path, default=Path("kfp_local_outputs"))
@@ -237,7 +240,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     # The Kubeflow front end lives beside the library (pipeline/), not inside it.
     if args.pipeline_command == "compile":
         fn = _lazy("pipeline.cli", "compile_pipeline", "the Kubeflow issue")
-        fn(args.output)
+        fn(args.output, image=args.image)
     elif args.pipeline_command == "run-local":
         fn = _lazy("pipeline.cli", "run_local", "the Kubeflow issue")
         fn(_config(args), args.workdir)
