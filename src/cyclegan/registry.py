@@ -1,0 +1,367 @@
+"""The ``register`` stage: a gated MLflow Model Registry entry with a ``champion`` alias.
+
+The gate, on ``register.metric`` from ``metrics/eval.json`` (default ``fid_A2B``):
+
+1. If ``register.threshold`` is set, the value must reach it (``<=`` for lower-is-better
+   metrics, ``>=`` otherwise).
+2. It must strictly beat the version that holds ``register.alias`` (default ``champion``),
+   compared with that version's tag of the same metric (or, if it lacks the tag, its run's
+   metric). No champion yet: the first model that passes the threshold becomes it.
+
+Passing both: the generators are logged to the training's run as an MLflow pyfunc model
+(``registered_model``; :mod:`cyclegan.serving`, models-from-code, safetensors weights, no
+pickle), a new version is created (tagged with ``run_id``, ``data_version``, ``git_commit``,
+the Inception weights' ``fid_weights_sha256`` and every eval metric) and the alias moves to
+it. Failing either: nothing is registered and the alias stays where it is. A run that already
+has a version is never registered twice: that version is reused.
+
+Direction of "better": ``register.greater_is_better``, or from the metric's name (``fid*``,
+``kid*``: lower; ``psnr*``, ``ssim*``: higher).
+
+The decision and its reason go to ``metrics/register.json`` (numbers numeric for ``dvc
+metrics``: ``registered`` and ``created_version`` are 0/1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cyclegan import tracking
+from cyclegan.config import Config
+from cyclegan.errors import ConfigError, CycleGANError
+from cyclegan.models.io import GENERATOR_FILES, read_model_json
+from cyclegan.paths import Paths
+
+log = logging.getLogger("cyclegan.registry")
+
+MODEL_ARTIFACT = "registered_model"  # name of the logged model in the run
+REGISTER_FILE = "register.json"
+SERVING_FILE = Path(__file__).with_name("serving.py")
+PACKAGE_DIR = Path(__file__).parent
+_LOWER_IS_BETTER = ("fid", "kid")
+_HIGHER_IS_BETTER = ("psnr", "ssim")
+_SERVING_REQUIREMENTS = ("torch", "numpy", "pillow", "safetensors", "pandas")
+
+
+def greater_is_better(metric: str, configured: bool | None = None) -> bool:
+    """Whether a larger ``metric`` is better: ``configured`` if given, else from its name."""
+    if configured is not None:
+        return configured
+    name = metric.lower()
+    if name.startswith(_LOWER_IS_BETTER):
+        return False
+    if name.startswith(_HIGHER_IS_BETTER):
+        return True
+    err = ConfigError(
+        f"register.metric = {metric!r}: cannot tell whether higher or lower is better",
+        "set register.greater_is_better to true or false",
+    )
+    err.key = "register.greater_is_better"
+    raise err
+
+
+def passes_threshold(value: float, threshold: float | None, higher_better: bool) -> bool:
+    """True when there is no threshold or ``value`` reaches it."""
+    if threshold is None:
+        return True
+    return value >= threshold if higher_better else value <= threshold
+
+
+def beats(value: float, champion: float, higher_better: bool) -> bool:
+    """Strictly better: a tie keeps the champion."""
+    return value > champion if higher_better else value < champion
+
+
+def _read_eval(paths: Paths) -> dict[str, Any]:
+    path = paths.metrics / "eval.json"
+    if not path.is_file():
+        raise CycleGANError(f"{path} not found", "run `cyclegan evaluate` first")
+    return json.loads(path.read_text())
+
+
+def _read_details(paths: Paths) -> dict[str, Any]:
+    path = paths.metrics / "eval_details.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        return {}
+
+
+def _write_result(paths: Paths, result: dict[str, Any]) -> None:
+    paths.metrics.mkdir(parents=True, exist_ok=True)
+    path = paths.metrics / REGISTER_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def mlflow_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (tracking and registry) at ``uri`` for a block.
+
+    ``log_model`` and ``register_model`` only use the process-wide URIs. Setting them also
+    exports ``MLFLOW_TRACKING_URI``/``MLFLOW_REGISTRY_URI``; afterwards the previous state,
+    including "not set", is put back so a library caller's configuration is left alone.
+    """
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    env_keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved_env = {k: os.environ.get(k) for k in env_keys}
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        registry_utils._registry_uri = saved[1]
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def registry_client(uri: str) -> Any:
+    """An ``MlflowClient`` whose tracking *and* registry are ``uri`` (without an explicit
+    registry URI the client would use the process-wide one, e.g. ./mlflow.db)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _requirements() -> list[str]:
+    reqs = []
+    for dist in _SERVING_REQUIREMENTS:
+        try:
+            # Drop local version labels (2.5.0+cpu): pip on another host cannot resolve them.
+            reqs.append(f"{dist}=={importlib.metadata.version(dist).split('+')[0]}")
+        except importlib.metadata.PackageNotFoundError:
+            reqs.append(dist)
+    return reqs
+
+
+def _champion(c: Any, name: str, alias: str, metric: str) -> tuple[Any, float | None]:
+    """The version holding ``alias`` (or None) and its value of ``metric`` (or None)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = c.get_model_version_by_alias(name, alias)
+    except MlflowException as e:
+        if getattr(e, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None, None
+        raise
+    value = _as_float(mv.tags.get(metric))
+    if value is None and mv.run_id:
+        with contextlib.suppress(Exception):
+            value = _as_float(c.get_run(mv.run_id).data.metrics.get(metric))
+    return mv, value
+
+
+def _as_float(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _versions_of_run(c: Any, name: str, run_id: str) -> list[Any]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = c.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    except MlflowException:
+        return []
+    return sorted(found, key=lambda mv: int(mv.version))
+
+
+def _resolve_run(c: Any, cfg: Config, paths: Paths) -> tuple[str, bool]:
+    """The training run from run.json, else a new run in the experiment (with a warning)."""
+    info = tracking.read_run_file(paths.run_file)
+    if info and info.get("run_id"):
+        try:
+            c.get_run(info["run_id"])
+            return info["run_id"], False
+        except Exception:
+            log.warning(
+                "run %s from %s is not in this MLflow store", info["run_id"], paths.run_file
+            )
+    else:
+        log.warning("no %s: the model is logged to a new MLflow run", paths.run_file)
+    exp_id = tracking.get_or_create_experiment(c, cfg.mlflow.experiment)
+    tags = {**tracking.provenance_tags(paths.prepared), "cyclegan.stage": "register"}
+    run = c.create_run(exp_id, tags=tags, run_name="register")
+    return run.info.run_id, True
+
+
+def log_pyfunc_model(uri: str, run_id: str, model_dir: Path) -> str:
+    """Log the generators in ``model_dir`` as a pyfunc model under ``run_id``; its URI."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    from cyclegan.serving import encode_png, signature
+
+    read_model_json(model_dir)  # a clear error if this is not a model folder
+    status = registry_client(uri).get_run(run_id).info.status
+    with tempfile.TemporaryDirectory(prefix="cyclegan-register-") as tmp:
+        staged = Path(tmp) / "generators"
+        staged.mkdir()
+        # Only the weights and architecture: run.json and anything else stay out of the model.
+        for name in (*GENERATOR_FILES.values(), "model.json"):
+            if not (model_dir / name).is_file():
+                raise CycleGANError(f"{model_dir / name} is missing", "re-run `cyclegan train`")
+            shutil.copy2(model_dir / name, staged / name)
+        with mlflow_uri(uri):
+            mlflow.start_run(run_id=run_id)
+            try:
+                info = mlflow.pyfunc.log_model(
+                    name=MODEL_ARTIFACT,
+                    python_model=str(SERVING_FILE),
+                    artifacts={"generators": str(staged)},
+                    code_paths=[str(PACKAGE_DIR)],
+                    signature=signature(),
+                    # A tiny odd-sized image: documents the input and checks it translates.
+                    input_example=pd.DataFrame(
+                        {"image": [encode_png(np.full((6, 10, 3), 128, np.uint8))]}
+                    ),
+                    pip_requirements=_requirements(),
+                )
+            finally:
+                # Resuming the run set it RUNNING; give it back the status it had.
+                mlflow.end_run(status=status if status != "RUNNING" else "FINISHED")
+    return info.model_uri
+
+
+def register(cfg: Config, paths: Paths) -> dict[str, Any]:
+    """Run the gate and, if it passes, register and promote (see the module docstring).
+
+    Returns what it writes to ``metrics/register.json``.
+    """
+    rcfg = cfg.register
+    metrics = _read_eval(paths)
+    if rcfg.metric not in metrics:
+        err = ConfigError(
+            f"register.metric = {rcfg.metric!r} is not in {paths.metrics / 'eval.json'}",
+            f"choose one of: {', '.join(sorted(metrics))}",
+        )
+        err.key = "register.metric"
+        raise err
+    higher = greater_is_better(rcfg.metric, rcfg.greater_is_better)
+    value = _as_float(metrics[rcfg.metric])
+    result: dict[str, Any] = {
+        "model_name": rcfg.model_name,
+        "alias": rcfg.alias,
+        "metric": rcfg.metric,
+        "greater_is_better": int(higher),
+        "value": value,
+        "threshold": rcfg.threshold,
+        "registered": 0,
+        "created_version": 0,
+        "version": None,
+        "champion_version": None,
+        "champion_value": None,
+        "run_id": None,
+    }
+
+    def done(decision: str, reason: str) -> dict[str, Any]:
+        result["decision"], result["reason"] = decision, reason
+        _write_result(paths, result)
+        (log.info if result["registered"] else log.warning)("register: %s", reason)
+        return result
+
+    if value is None:
+        return done("rejected", f"{rcfg.metric} is {metrics[rcfg.metric]!r}, not a finite number")
+    if not passes_threshold(value, rcfg.threshold, higher):
+        op = ">=" if higher else "<="
+        return done(
+            "rejected",
+            f"{rcfg.metric} = {value:.6g} does not pass the threshold ({op} {rcfg.threshold})",
+        )
+
+    uri = tracking.tracking_uri(cfg.mlflow)
+    tracking.ensure_reachable(uri)
+    c = registry_client(uri)
+    run_id, _ = _resolve_run(c, cfg, paths)
+    result["run_id"] = run_id
+    name, alias = rcfg.model_name, rcfg.alias
+    champion, champion_value = _champion(c, name, alias, rcfg.metric)
+    if champion is not None:
+        result["champion_version"] = int(champion.version)
+        result["champion_value"] = champion_value
+    existing = _versions_of_run(c, name, run_id)
+
+    if champion is not None and champion.run_id == run_id:
+        result["registered"], result["version"] = 1, int(champion.version)
+        return done(
+            "already_champion",
+            f"version {champion.version} of {name}, from this run, already holds @{alias}",
+        )
+    if champion is not None and champion_value is None:
+        return done(
+            "rejected",
+            f"the current @{alias} (version {champion.version}) has no {rcfg.metric} to compare "
+            f"with; not replacing it (move the alias by hand, or choose another register.metric)",
+        )
+    if champion is not None and not beats(value, champion_value, higher):  # type: ignore[arg-type]
+        return done(
+            "rejected",
+            f"{rcfg.metric} = {value:.6g} does not beat @{alias} version {champion.version} "
+            f"({champion_value:.6g}; {'higher' if higher else 'lower'} is better)",
+        )
+
+    if existing:
+        version = existing[-1]
+        log.info("run %s already has version %s of %s; reusing it", run_id, version.version, name)
+    else:
+        version = _create_version(c, cfg, paths, uri, run_id, metrics)
+        result["created_version"] = 1
+    c.set_registered_model_alias(name, alias, version.version)
+    result["registered"], result["version"] = 1, int(version.version)
+    before = (
+        f"over version {champion.version} ({champion_value:.6g})"
+        if champion is not None
+        else "(no previous champion)"
+    )
+    return done(
+        "registered",
+        f"version {version.version} of {name} is now @{alias}: {rcfg.metric} = "
+        f"{value:.6g} {before}",
+    )
+
+
+def _create_version(
+    c: Any, cfg: Config, paths: Paths, uri: str, run_id: str, metrics: dict[str, Any]
+) -> Any:
+    """Log the pyfunc model under the run and register it as a new, tagged version."""
+    import mlflow
+
+    run = c.get_run(run_id)
+    details = _read_details(paths)
+    tags = {
+        "run_id": run_id,
+        "data_version": run.data.tags.get("data_version") or tracking.data_version(paths.prepared),
+        "git_commit": run.data.tags.get("git_commit") or tracking.git_commit(),
+        "register_metric": cfg.register.metric,
+        **{k: str(v) for k, v in metrics.items()},
+    }
+    if details.get("fid_weights_sha256"):
+        tags["fid_weights_sha256"] = str(details["fid_weights_sha256"])
+    model_uri = log_pyfunc_model(uri, run_id, paths.model)
+    with mlflow_uri(uri):
+        mv = mlflow.register_model(model_uri, cfg.register.model_name, tags=tags)
+    log.info("registered %s version %s from run %s", cfg.register.model_name, mv.version, run_id)
+    return mv
