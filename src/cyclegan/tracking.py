@@ -16,7 +16,9 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -100,7 +102,8 @@ def client(uri: str) -> Any:
     """An ``MlflowClient`` for ``uri`` (imported lazily: mlflow is slow to import)."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    # The registry URI too: otherwise registry calls go to the process-wide default store.
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def get_or_create_experiment(c: Any, name: str) -> str:
@@ -239,6 +242,11 @@ class MetricBuffer:
             del self._pending[:overflow]
             self.dropped += overflow
 
+    @property
+    def pending(self) -> int:
+        """Metric values not sent yet."""
+        return len(self._pending)
+
     def flush(self) -> bool:
         """Send what is pending; True if everything went out."""
         while self._pending:
@@ -302,3 +310,95 @@ def log_artifacts_safely(
             failed += 1
             log.warning("could not upload %s to MLflow (%s)", local, _short(e))
     return failed
+
+
+class BackgroundLogger:
+    """Sends metrics, artifacts and other MLflow calls from one daemon thread, in order.
+
+    The training loop only enqueues, so a slow or lost tracking server (MLflow's own HTTP
+    retries can block a call for minutes) never stalls a step. :meth:`close` waits for the
+    queue to drain - long while the server answers, briefly once it has stopped answering -
+    and reports what could not be sent.
+    """
+
+    def __init__(self, c: Any, run_id: str) -> None:
+        self.client, self.run_id = c, run_id
+        self.metrics = MetricBuffer(c, run_id)
+        self.failed_uploads = 0
+        self.failed_calls = 0
+        self.healthy = True
+        self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="mlflow-logger", daemon=True)
+        self._thread.start()
+
+    def log_metrics(self, step: int, values: Mapping[str, float]) -> None:
+        """Queue metric values for ``step`` (timestamped now)."""
+        self._queue.put(("metrics", (int(step), dict(values), int(time.time() * 1000))))
+
+    def log_artifacts(
+        self, pairs: Iterable[tuple[str | Path, str | None]], remove_after: bool = False
+    ) -> None:
+        """Queue uploads of ``(local_path, artifact_dir)``; optionally delete the local files
+        once sent (for temporary copies)."""
+        self._queue.put(("artifacts", (list(pairs), remove_after)))
+
+    def call(self, fn: Callable[[], Any], what: str) -> None:
+        """Queue any other client call (e.g. ending the run), retried like the rest."""
+        self._queue.put(("call", (fn, what)))
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                self.metrics.close()
+                return
+            kind, payload = item
+            if kind == "metrics":
+                step, values, ts = payload
+                self.metrics.add(step, values, ts)
+                if self._queue.empty():  # batch whatever piled up while we were busy
+                    self.healthy = self.metrics.flush()
+            elif kind == "artifacts":
+                pairs, remove_after = payload
+                failed = log_artifacts_safely(self.client, self.run_id, pairs)
+                self.failed_uploads += failed
+                self.healthy = failed == 0
+                if remove_after:
+                    for local, _ in pairs:
+                        Path(local).unlink(missing_ok=True)
+            else:
+                fn, what = payload
+                try:
+                    with_retry(fn, what)
+                    self.healthy = True
+                except Exception as e:
+                    self.failed_calls += 1
+                    self.healthy = False
+                    log.warning("MLflow %s failed (%s)", what, _short(e))
+
+    def close(self, timeout: float = 600.0, unhealthy_timeout: float = 30.0) -> dict[str, int]:
+        """Send everything still queued, then stop. Waits up to ``timeout`` seconds, or
+        ``unhealthy_timeout`` once the server has failed to answer. Returns what was lost."""
+        self._queue.put(None)
+        start = time.monotonic()
+        while self._thread.is_alive():
+            waited = time.monotonic() - start
+            if waited > timeout or (not self.healthy and waited > unhealthy_timeout):
+                log.warning(
+                    "MLflow still not answering after %.0fs; giving up on %d queued items",
+                    waited,
+                    self._queue.qsize(),
+                )
+                return {
+                    "metrics_lost": self.metrics.dropped + self.metrics.pending,
+                    "uploads_failed": self.failed_uploads,
+                    "calls_failed": self.failed_calls,
+                    "abandoned": self._queue.qsize(),
+                }
+            self._thread.join(0.2)
+        return {
+            "metrics_lost": self.metrics.dropped,
+            "uploads_failed": self.failed_uploads,
+            "calls_failed": self.failed_calls,
+            "abandoned": 0,
+        }

@@ -1,0 +1,107 @@
+"""Shared helpers for the training tests (this module holds no tests).
+
+Tiny settings keep every training run to seconds on 2 shared cores: 16x16 crops, 4-filter
+networks, a 2-layer PatchGAN, a dozen images. Torch runs single-threaded: on a loaded machine
+OpenMP's spinning threads make two threads tens of times slower than one.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cyclegan.config import Config, load_config
+from cyclegan.paths import Paths
+
+TINY = (
+    "data.load_size=16",
+    "train.crop_size=16",
+    "train.ngf=4",
+    "train.ndf=4",
+    "train.n_layers_D=2",
+    "train.epochs=1",
+    "train.epochs_decay=1",
+    "train.log_every=2",
+    "train.sample_every=4",
+    "train.checkpoint_every=3",
+    "train.keep_checkpoints=2",
+)
+
+
+def make_prepared(root: Path, n_a: int = 8, n_b: int = 6, size: int = 16, seed: int = 0) -> Path:
+    """A prepared dataset (trainA/trainB/testA/testB) of smooth random PNGs."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for split, n in (("trainA", n_a), ("trainB", n_b), ("testA", 2), ("testB", 2)):
+        d = root / split
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            c = rng.uniform(0, 255, (3, 3))
+            img = c[0] + c[1] * xx[..., None] / 2 + c[2] * yy[..., None] / 2
+            if split.endswith("B"):
+                img = 255 - img
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(d / f"{split}_{i:03d}.png")
+    return root
+
+
+def tiny_config(tmp_path: Path, *overrides: str) -> Config:
+    """TINY settings, a private SQLite MLflow store in ``tmp_path``, then ``overrides``."""
+    store = f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlruns.db'}"
+    return load_config(None, [*TINY, store, *overrides])
+
+
+def paths_in(root: Path) -> Paths:
+    """Every stage path under ``root`` (absolute, so the cwd does not matter)."""
+    return Paths(
+        raw=root / "data/raw",
+        prepared=root / "data/prepared",
+        checkpoints=root / "checkpoints",
+        model=root / "models/cyclegan",
+        metrics=root / "metrics",
+        plots=root / "plots",
+    )
+
+
+def run_cli(
+    args: Sequence[str], cwd: Path, env: dict[str, str], timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    """``cyclegan <args>`` in ``cwd``, single-threaded, output captured."""
+    env = {**env, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        ["cyclegan", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def sets(*overrides: str) -> list[str]:
+    """``--set a --set b ...``"""
+    return [x for o in overrides for x in ("--set", o)]
+
+
+@pytest.fixture(name="one_thread")
+def one_thread_fixture() -> Iterator[None]:
+    """Single-threaded torch for the test (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(name="workdir")
+def workdir_fixture(tmp_path: Path) -> Iterator[Path]:
+    """A tmp cwd holding a tiny prepared dataset at data/prepared."""
+    make_prepared(tmp_path / "data/prepared")
+    old = Path.cwd()
+    os.chdir(tmp_path)
+    try:
+        yield tmp_path
+    finally:
+        os.chdir(old)
