@@ -114,7 +114,9 @@ def get_or_create_experiment(c: Any, name: str) -> str:
             c.restore_experiment(exp.experiment_id)
         return exp.experiment_id
     try:
-        return c.create_experiment(name)
+        # Tell the MLflow 3 UI this is model training, not GenAI: it then opens on the runs
+        # table (losses, FID, compare) instead of the traces overview.
+        return c.create_experiment(name, tags={"mlflow.experimentKind": "custom_model_development"})
     except Exception:  # created concurrently by another process
         exp = c.get_experiment_by_name(name)
         if exp is None:

@@ -49,7 +49,8 @@ def load_rgb(path: str | Path) -> np.ndarray:
 
 def to_tensor(img: np.ndarray) -> torch.Tensor:
     """``HxWx3`` uint8 -> ``3xHxW`` float in [-1, 1] (the reference's Normalize(0.5, 0.5))."""
-    t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float()
+    # A copy: crops and flips are views of cached (read-only) arrays.
+    t = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).float()
     return t.div_(127.5).sub_(1.0)
 
 
