@@ -78,8 +78,8 @@ class DataConfig:
 class TrainConfig:
     """CycleGAN training; defaults are the reference's unless noted (CPU-sized model)."""
 
-    epochs: int = _f(10, min=0, doc="epochs at constant learning rate (reference n_epochs)")
-    epochs_decay: int = _f(10, min=0, doc="epochs of linear decay to zero (n_epochs_decay)")
+    epochs: int = _f(2, min=0, doc="epochs at constant learning rate (reference n_epochs)")
+    epochs_decay: int = _f(2, min=0, doc="epochs of linear decay to zero (n_epochs_decay)")
     max_steps: int | None = _f(None, min=1, doc="stop after this many steps (smoke tests)")
     batch_size: int = _f(1, min=1, doc="images per rank per step (the paper: 1)")
     crop_size: int = _f(32, min=8, max=4096, doc="random crop side; <= data.load_size")
