@@ -24,7 +24,9 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-SCREENSHOTS = Path(os.environ.get("CYCLEGAN_SCREENSHOTS", REPO / "docs" / "screenshots"))
+# Screenshots go to the test's temporary folder; set CYCLEGAN_SCREENSHOTS=docs/screenshots to
+# refresh the README's images.
+SCREENSHOTS_ENV = "CYCLEGAN_SCREENSHOTS"
 
 # Small enough for seconds per stage on 2 cores, big enough for every code path.
 TINY = [
@@ -182,13 +184,14 @@ def test_no_credential_reaches_mlflow_or_logs(runs: Runs) -> None:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
-def test_ui_compares_runs_in_a_browser(runs: Runs) -> None:
+def test_ui_compares_runs_in_a_browser(runs: Runs, tmp_path: Path) -> None:
     """Open the experiment, select both runs, press Compare, and read the comparison."""
     from mlflow.tracking import MlflowClient
     from playwright.sync_api import sync_playwright
 
     exp_id = MlflowClient(tracking_uri=runs.server.uri).get_run(runs.run_ids[0]).info.experiment_id
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    shots = Path(os.environ.get(SCREENSHOTS_ENV) or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
@@ -211,11 +214,11 @@ def test_ui_compares_runs_in_a_browser(runs: Runs) -> None:
                 name = MlflowClient(tracking_uri=runs.server.uri).get_run(run_id).info.run_name
                 row = rows.filter(has_text=name)
                 row.get_by_role("checkbox").first.check(timeout=30_000)
-            page.screenshot(path=str(SCREENSHOTS / "mlflow_runs.png"))
+            page.screenshot(path=str(shots / "mlflow_runs.png"))
             page.get_by_role("button", name="Compare").first.click()
             page.get_by_text("Comparing 2 Runs").first.wait_for(timeout=60_000)
             page.get_by_text("fid_A2B").first.wait_for(timeout=30_000)
-            page.screenshot(path=str(SCREENSHOTS / "mlflow_compare.png"), full_page=True)
+            page.screenshot(path=str(shots / "mlflow_compare.png"), full_page=True)
             text = page.inner_text("body")
         finally:
             browser.close()

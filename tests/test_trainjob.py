@@ -145,7 +145,10 @@ def test_manifest_runs_cyclegan_train_on_n_nodes_with_gpus_secrets_and_shared_vo
     mounts = {v["mountPath"] for v in container["volumeMounts"]}
     assert mounts == {SHARED_MOUNT, "/dev/shm"}
     # The patch targets the runtime's own job and container names.
-    runtime = yaml.safe_load((CRD.parent / "torch_distributed_runtime.yaml").read_text())
+    runtime_file = CRD.parent / "torch_distributed_runtime.yaml"
+    if not runtime_file.is_file():
+        pytest.skip(f"torch-distributed runtime not found at {runtime_file}")
+    runtime = yaml.safe_load(runtime_file.read_text())
     (rjob,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
     assert job["name"] == rjob["name"]
     assert (
