@@ -72,14 +72,14 @@ def test_every_scene_shows_each_shape_whole_at_its_fixed_area() -> None:
 
 
 def test_every_image_shows_all_palette_colours() -> None:
+    """Every scene shows every palette colour (the blur softens edges; the smallest shape's
+    centre stays within 32 of 255 levels of its colour)."""
     palette = np.array(list(synthetic.PALETTE.values()), dtype=float)
     a, _ = _pairs("testA", 64)
     for img in a:
         px = img.reshape(-1, 1, 3).astype(float)
-        near = (
-            np.abs(px / palette[None] - 1).max(axis=2) < 0.2
-        )  # shading + soft edges (small shapes blur most)
-        assert (near.sum(axis=0) >= 1).all()
+        nearest = np.abs(px - palette[None]).max(axis=2).min(axis=0)
+        assert (nearest <= 32).all(), nearest
 
 
 def test_train_domains_are_unpaired_and_deterministic() -> None:

@@ -10,7 +10,7 @@ Scenes
     A flat background with four shapes, one of each kind: a bar, a disc, a square and a
     triangle, each at a random position and angle, fully inside the image and not
     overlapping, anti-aliased by supersampling and softened by a small Gaussian blur
-    (:data:`BLUR_SIGMA`; see :func:`_soften`), under a mild linear lighting gradient
+    (:data:`BLUR_SIGMA`, 1.6 px at 32 px; see :func:`_soften`), under a mild linear lighting gradient
     (brightness x0.96..x1.04) in a random direction. No noise. Each kind, and the background,
     always has its own colour from a fixed five-colour palette (:data:`PALETTE`), and each
     kind has a fixed size, all different (bar 8.4% of the image, disc 5.3%, square 4.0%,
@@ -72,7 +72,7 @@ log = logging.getLogger("cyclegan.data")
 # Bump when rendering changes, so a stale raw/synthetic folder is regenerated.
 GENERATOR_VERSION = 3
 #: Gaussian blur of every scene, in pixels at 32 px (scaled with the image size).
-BLUR_SIGMA = 0.8
+BLUR_SIGMA = 1.6
 
 #: The A->B colour shift, in 8-bit units per channel.
 SHIFT: tuple[int, int, int] = (100, -100, 100)
