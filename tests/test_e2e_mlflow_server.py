@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.contract import EVAL_METRICS, GT_METRICS, TRAIN_METRICS
 from tests.servers import TEST_ACCESS_KEY, TEST_SECRET_KEY, MlflowServer
 
 pytestmark = pytest.mark.slow
@@ -44,31 +45,8 @@ TINY = [
     "evaluate.kid_subset_size=4",
     "evaluate.num_samples=4",
 ]
-CONTRACT_TRAIN_METRICS = {
-    "loss_G",
-    "loss_G_A",
-    "loss_G_B",
-    "loss_D_A",
-    "loss_D_B",
-    "loss_cycle_A",
-    "loss_cycle_B",
-    "loss_idt_A",
-    "loss_idt_B",
-    "lr",
-    "img_per_s",
-}
-CONTRACT_EVAL_METRICS = {
-    "fid_A2B",
-    "fid_B2A",
-    "kid_A2B",
-    "kid_B2A",
-    "num_images_A2B",
-    "num_images_B2A",
-    "psnr_A2B",
-    "ssim_A2B",
-    "psnr_B2A",
-    "ssim_B2A",
-}
+CONTRACT_TRAIN_METRICS = TRAIN_METRICS
+CONTRACT_EVAL_METRICS = EVAL_METRICS | GT_METRICS
 
 
 @dataclass

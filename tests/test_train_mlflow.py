@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from cyclegan.train.trainer import train
+from tests.contract import TRAIN_METRICS
 from tests.servers import MlflowServer, free_port
 from tests.test_train_support import (  # noqa: F401
     TINY,
@@ -21,19 +22,7 @@ from tests.test_train_support import (  # noqa: F401
     workdir_fixture,
 )
 
-CONTRACT_METRICS = {
-    "loss_G",
-    "loss_G_A",
-    "loss_G_B",
-    "loss_D_A",
-    "loss_D_B",
-    "loss_cycle_A",
-    "loss_cycle_B",
-    "loss_idt_A",
-    "loss_idt_B",
-    "lr",
-    "img_per_s",
-}
+CONTRACT_METRICS = TRAIN_METRICS
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from cyclegan.models import load_generator
 from cyclegan.train import checkpoint as ckpt
 from cyclegan.train import trainer
 from cyclegan.train.trainer import NonFiniteLossError, train
+from tests.contract import TRAIN_METRICS
 from tests.test_train_support import (  # noqa: F401
     TINY,
     make_prepared,
@@ -31,19 +32,7 @@ from tests.test_train_support import (  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CONTRACT_METRICS = {
-    "loss_G",
-    "loss_G_A",
-    "loss_G_B",
-    "loss_D_A",
-    "loss_D_B",
-    "loss_cycle_A",
-    "loss_cycle_B",
-    "loss_idt_A",
-    "loss_idt_B",
-    "lr",
-    "img_per_s",
-}
+CONTRACT_METRICS = TRAIN_METRICS
 
 
 def _client(tmp: Path):
