@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.contract import EVAL_METRICS, GT_METRICS, TRAIN_METRICS
-from tests.servers import TEST_ACCESS_KEY, TEST_SECRET_KEY, MlflowServer
+from tests.servers import BIN, TEST_ACCESS_KEY, TEST_SECRET_KEY, MlflowServer
 
 pytestmark = pytest.mark.slow
 
@@ -76,6 +76,7 @@ def runs(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
     env.update(mlflow_server.s3.env)
     env["MLFLOW_TRACKING_URI"] = mlflow_server.uri
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # the venv's `cyclegan`
     env["PYTHONUNBUFFERED"] = "1"
     out = Runs(server=mlflow_server, workdir=work, run_ids=[], lrs=[2e-4, 1e-4])
     sets = [a for s in TINY for a in ("--set", s)]
