@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     net = FIDInception.load(device=args.device)
     a, b = _images(args.n, args.size, 0), _images(args.n, args.size, 1)
-    dtypes = {"fp32": None}
+    dtypes: dict[str, torch.dtype | None] = {"fp32": None}
     if args.device.startswith("cuda"):
         dtypes.update(bf16=torch.bfloat16, fp16=torch.float16)
     else:

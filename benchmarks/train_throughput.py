@@ -36,7 +36,8 @@ import torch
 
 from cyclegan.config import TrainConfig
 from cyclegan.data.dataset import UnpairedDataset
-from cyclegan.train.distributed import DistInfo, pick_device
+from cyclegan.hardware import resolve_device
+from cyclegan.train.distributed import DistInfo
 from cyclegan.train.loader import make_loader
 from cyclegan.train.step import CycleGAN, count_step_flops, train_step
 
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
 
-    device = pick_device(args.device)
+    device = resolve_device(args.device)
     peak, peak_source = default_peak(device)
     if args.peak_tflops is not None:
         peak, peak_source = args.peak_tflops, "--peak-tflops"

@@ -40,7 +40,7 @@ def test_overrides_are_typed(tmp_path: Path) -> None:
         ("train.nonexistent=1", "'train.nonexistent'"),
         ("train.batch_size=0", "train.batch_size = 0 is out of range"),
         ("train.batch_size=1.5", "train.batch_size = 1.5"),
-        ("train.precision=fp16", "one of 'fp32', 'bf16'"),
+        ("train.precision=fp16", "one of 'auto', 'fp32', 'bf16'"),
         ("train.flip=maybe", "train.flip"),
         ("nosection.key=1", "unknown section 'nosection'"),
         ("train.crop_size=64", "crop_size = 64 is larger than data.load_size"),

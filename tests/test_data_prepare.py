@@ -51,7 +51,7 @@ def make_layout(root: Path, counts: dict[str, int] | None = None, fmt: str = "pn
 def cfg_for(source: str | Path, **data: Any) -> Config:
     """A validated config whose data section reads ``source`` (small sizes)."""
     d = {"source": str(source), "load_size": 16, "num_workers": 1, **data}
-    return config_from_dict({"data": d, "train": {"crop_size": 16}})
+    return config_from_dict({"data": d, "train": {"crop_size": 16, "n_layers_D": 2}})
 
 
 def paths_in(base: Path) -> Paths:
@@ -337,7 +337,7 @@ def test_cli_prepare_writes_the_layout(cyclegan_exe, tmp_path, cli_env) -> None:
     (tmp_path / "params.yaml").write_text(
         "data:\n  source: synthetic\n  load_size: 16\n  num_workers: 1\n"
         "  synthetic: {image_size: 16, n_train_a: 6, n_train_b: 5, n_test: 3}\n"
-        "train:\n  crop_size: 16\n"
+        "train:\n  crop_size: 16\n  n_layers_D: 2\n"
     )
     r = subprocess.run(
         [cyclegan_exe, "prepare"],

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.train_support import copy_project
 
 pytestmark = pytest.mark.slow
 
@@ -36,6 +37,7 @@ TINY = {
         "checkpoint_every": 16,
     },
     "evaluate": {"kid_subsets": 10, "kid_subset_size": 3, "num_samples": 3},
+    "register": {"onnx": False},  # attached ONNX files: tests/test_serving.py
 }
 STAGES = ("prepare", "train", "evaluate", "register")
 
@@ -59,16 +61,10 @@ def _ran(output: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    """A fresh git repository holding the project's tracked files, with tiny params."""
+    """A fresh git repository holding the project's files (tracked, or new and not ignored),
+    with tiny params."""
     work = tmp_path_factory.mktemp("dvc") / "project"
-    files = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout.split("\0")
-    for rel in filter(None, files):
-        src = REPO / rel
-        if src.is_file():
-            (work / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, work / rel)
+    copy_project(work)
     params = _merge(yaml.safe_load((work / "params.yaml").read_text()), TINY)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "DVC_"))}
@@ -125,3 +121,47 @@ def test_repro_skip_rerun_and_experiments(project: tuple[Path, dict[str, str]]) 
     assert "lr-half" in json.dumps(shown)
     plots = _run([dvc, "plots", "show", "--json"], work, env)
     assert "plots/train_loss.csv" in plots
+
+
+def test_a_queued_sweep_lands_in_the_projects_mlflow_store(
+    project: tuple[Path, dict[str, str]],
+) -> None:
+    """The README's sweep, as written: `dvc exp run --queue` over a grid, then `dvc queue
+    start`. DVC runs each variant in a temporary copy of the project; their MLflow runs must
+    land in the project's own store (named after the experiments), with the best as
+    champion, and nothing of the store left in the temporary copies."""
+    import time
+
+    work, env = project
+    dvc = str(BIN / "dvc")
+    _run([dvc, "exp", "run", "--queue", "-S", "train.lr=0.0001,0.0004"], work, env)
+    _run([dvc, "queue", "start"], work, env)
+    deadline = time.monotonic() + 540
+    while True:
+        status = _run([dvc, "queue", "status"], work, env)
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(2)  # polling an external queue's status, with a deadline
+    assert "Failed" not in status, status
+    names = re.findall(r"^\w+\s+(\S+)\s+.*Success", status, flags=re.M)
+    assert len(names) == 2, status
+
+    with sqlite3.connect(work / "mlruns.db") as db:
+        runs = dict(db.execute("SELECT run_uuid, name FROM runs").fetchall())
+        exp_tags = dict(
+            db.execute("SELECT run_uuid, value FROM tags WHERE key = 'dvc_exp_name'").fetchall()
+        )
+        champion = db.execute(
+            "SELECT mv.run_id FROM registered_model_aliases a JOIN model_versions mv "
+            "ON mv.name = a.name AND mv.version = a.version WHERE a.alias = 'champion'"
+        ).fetchone()[0]
+        fid = dict(
+            db.execute(
+                "SELECT run_uuid, value FROM latest_metrics WHERE key = 'fid_A2B'"
+            ).fetchall()
+        )
+    swept = {run for run, name in exp_tags.items() if name in names}
+    assert len(swept) == 2 and {runs[r] for r in swept} == set(names)
+    assert champion in fid and fid[champion] == min(fid.values())
+    assert not list((work / ".dvc" / "tmp").rglob("mlruns.db"))

@@ -31,6 +31,7 @@ SCREENSHOTS_ENV = "CYCLEGAN_SCREENSHOTS"
 
 # Small enough for seconds per stage on 2 cores, big enough for every code path.
 TINY = [
+    "register.onnx=false",  # attached ONNX files: tests/test_serving.py
     "data.synthetic.n_train_a=24",
     "data.synthetic.n_train_b=24",
     "data.synthetic.n_test=8",
@@ -78,6 +79,9 @@ def runs(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) 
     env["MLFLOW_TRACKING_URI"] = mlflow_server.uri
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # the venv's `cyclegan`
     env["PYTHONUNBUFFERED"] = "1"
+    # MLflow's own setting: sample system metrics every second (default 10 s), so that these
+    # few-second runs record some.
+    env["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
     out = Runs(server=mlflow_server, workdir=work, run_ids=[], lrs=[2e-4, 1e-4])
     sets = [a for s in TINY for a in ("--set", s)]
     _stage(["prepare", *sets], work, env, out.logs)
@@ -93,7 +97,7 @@ def runs(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) 
 def test_server_holds_metrics_params_tags_and_artifacts_in_s3(runs: Runs) -> None:
     from mlflow.tracking import MlflowClient
 
-    c = MlflowClient(tracking_uri=runs.server.uri)
+    c = MlflowClient(tracking_uri=runs.server.uri, registry_uri=runs.server.uri)
     s3_keys = [
         o["Key"]
         for page in runs.server.s3.client()
@@ -112,13 +116,24 @@ def test_server_holds_metrics_params_tags_and_artifacts_in_s3(runs: Runs) -> Non
         for tag in ("git_commit", "data_version", "dvc_exp_name"):
             assert tag in run.data.tags
         assert run.data.tags["data_version"] != "unknown"
+        # Traceable: where it ran from, and the data it really used (what prepare recorded,
+        # not the train stage's own data.* defaults) in the Dataset column.
+        assert run.data.tags["mlflow.source.name"] == "cyclegan train"
+        assert run.data.params["data.source"] == "synthetic"
+        assert run.data.params["data.synthetic.n_train_a"] == "24"
+        (dataset,) = [d.dataset for d in run.inputs.dataset_inputs]
+        assert dataset.name == "synthetic"
+        assert dataset.digest and dataset.digest in run.data.tags["data_version"]
+        assert json.loads(dataset.profile)["trainA"] == 24
+        # System metrics (CPU and memory; GPU where there is one) in the run's own tab.
+        assert any(k.startswith("system/cpu") for k in run.data.metrics), run.data.metrics
         # Images and weights, stored in the bucket (the server proxies them).
         run_keys = [k for k in s3_keys if f"/{run_id}/" in k]
         assert any(k.endswith(".png") for k in run_keys), run_keys
         assert any(k.endswith("G_A.safetensors") for k in run_keys), run_keys
 
 
-def test_registry_has_a_champion_loadable_through_the_server(runs: Runs, monkeypatch) -> None:
+def test_registry_has_a_champion_loadable_through_the_server(runs: Runs) -> None:
     import io
 
     import mlflow
@@ -127,12 +142,14 @@ def test_registry_has_a_champion_loadable_through_the_server(runs: Runs, monkeyp
     from mlflow.tracking import MlflowClient
     from PIL import Image
 
-    c = MlflowClient(tracking_uri=runs.server.uri)
+    c = MlflowClient(tracking_uri=runs.server.uri, registry_uri=runs.server.uri)
     champion = c.get_model_version_by_alias("cyclegan", "champion")
     assert champion.run_id in runs.run_ids
     decisions = json.loads((runs.workdir / "metrics/register.json").read_text())
     assert "reason" in decisions
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", runs.server.uri)
+    # As a user's notebook would: point MLflow (tracking and registry) at the server.
+    mlflow.set_tracking_uri(runs.server.uri)
+    mlflow.set_registry_uri(runs.server.uri)
     model = mlflow.pyfunc.load_model("models:/cyclegan@champion")
     img = np.random.default_rng(0).integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
     buf = io.BytesIO()
@@ -168,7 +185,11 @@ def test_ui_compares_runs_in_a_browser(runs: Runs, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
     from playwright.sync_api import sync_playwright
 
-    exp_id = MlflowClient(tracking_uri=runs.server.uri).get_run(runs.run_ids[0]).info.experiment_id
+    exp_id = (
+        MlflowClient(tracking_uri=runs.server.uri, registry_uri=runs.server.uri)
+        .get_run(runs.run_ids[0])
+        .info.experiment_id
+    )
     shots = Path(os.environ.get(SCREENSHOTS_ENV) or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
@@ -189,10 +210,16 @@ def test_ui_compares_runs_in_a_browser(runs: Runs, tmp_path: Path) -> None:
             page.goto(f"{runs.server.uri}/#/experiments/{exp_id}/runs", wait_until="load")
             rows = page.get_by_role("row")
             page.get_by_text("Training runs").first.wait_for(timeout=60_000)
-            for run_id in runs.run_ids:
-                name = MlflowClient(tracking_uri=runs.server.uri).get_run(run_id).info.run_name
+            client = MlflowClient(tracking_uri=runs.server.uri, registry_uri=runs.server.uri)
+            names = [client.get_run(run_id).info.run_name for run_id in runs.run_ids]
+            # Runs a person can tell apart: distinct, readable names (not one random name).
+            assert len(set(names)) == 2 and all("lr=" in n for n in names), names
+            for name in names:
                 row = rows.filter(has_text=name)
                 row.get_by_role("checkbox").first.check(timeout=30_000)
+            # The Dataset column: the data the run really used, by name and DVC hash.
+            page.get_by_text("synthetic").first.wait_for(timeout=30_000)
+            table = page.inner_text("body")
             page.screenshot(path=str(shots / "mlflow_runs.png"))
             page.get_by_role("button", name="Compare").first.click()
             page.get_by_text("Comparing 2 Runs").first.wait_for(timeout=60_000)
@@ -203,6 +230,7 @@ def test_ui_compares_runs_in_a_browser(runs: Runs, tmp_path: Path) -> None:
             browser.close()
     for run_id in runs.run_ids:
         assert run_id in text
+    assert all(name in table for name in names)
     assert "fid_A2B" in text and "loss_G" in text and "train.lr" in text
     # The differing parameter is shown with both values.
     assert "0.0002" in text and "0.0001" in text

@@ -50,6 +50,7 @@ def config(uri: str, name: str, **register: object) -> Config:
     cfg = Config()
     cfg.mlflow.tracking_uri = uri
     cfg.register.model_name = name
+    cfg.register.onnx = False  # attached ONNX files are tested in test_serving.py
     for k, v in register.items():
         setattr(cfg.register, k, v)
     return cfg
@@ -123,7 +124,7 @@ def test_gate_champion_alias_and_pickle_free_loading(mlflow_server, tmp_path: Pa
 
     first = make_candidate(tmp_path / "r1", uri, fid=50.0, seed=1)
     r1 = registry.register(cfg, first)
-    assert (r1["registered"], r1["created_version"], r1["decision"]) == (1, 1, "registered")
+    assert (r1["registered"], r1["created"], r1["decision"]) == (1, 1, "registered")
     assert champion() == "1"
     mv = c.get_model_version(name, "1")
     run1 = tracking.read_run_file(first.run_file)["run_id"]
@@ -133,7 +134,7 @@ def test_gate_champion_alias_and_pickle_free_loading(mlflow_server, tmp_path: Pa
 
     # Re-running for the same run registers nothing new.
     again = registry.register(cfg, first)
-    assert (again["registered"], again["created_version"]) == (1, 0)
+    assert (again["registered"], again["created"]) == (1, 0)
     assert len(versions()) == 1
 
     # A worse run: no version, the alias stays.
@@ -161,8 +162,8 @@ def test_gate_champion_alias_and_pickle_free_loading(mlflow_server, tmp_path: Pa
         mock.patch("cloudpickle.load", refuse),
         mock.patch("cloudpickle.loads", refuse),
         mock.patch("torch.load", refuse),
-        registry.mlflow_uri(uri),
     ):
+        tracking.use_uri(uri)  # models:/ resolves through MLflow's registry URI
         model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
         out = model.predict(
             pd.DataFrame({"image": [image, image], "direction": ["A2B", None]}),

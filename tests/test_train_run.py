@@ -19,15 +19,13 @@ from cyclegan.train import checkpoint as ckpt
 from cyclegan.train import trainer
 from cyclegan.train.trainer import NonFiniteLossError, train
 from tests.contract import TRAIN_METRICS
-from tests.test_train_support import (  # noqa: F401
+from tests.train_support import (
     TINY,
     make_prepared,
-    one_thread_fixture,
     paths_in,
     run_cli,
     sets,
     tiny_config,
-    workdir_fixture,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,7 +36,9 @@ CONTRACT_METRICS = TRAIN_METRICS
 def _client(tmp: Path):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlruns.db'}")
+    return MlflowClient(
+        tracking_uri=f"sqlite:///{tmp / 'mlruns.db'}", registry_uri=f"sqlite:///{tmp / 'mlruns.db'}"
+    )
 
 
 def test_tiny_training_writes_every_output(workdir: Path) -> None:
@@ -136,7 +136,7 @@ def test_settings_change_starts_fresh_and_forced_resume_is_refused(workdir, cli_
         cwd=workdir,
         env={**cli_env, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlruns.db'}"},
     )
-    assert r.returncode == 1, r.stderr
+    assert r.returncode == 2, r.stderr  # bad input: the exit code for it
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("cyclegan train: error:")]
     assert len(lines) == 1 and "train.ngf: 8 -> 4" in lines[0], r.stderr
     assert "Traceback" not in r.stderr

@@ -7,6 +7,7 @@ import copy
 import random
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,13 +16,13 @@ import torch
 from cyclegan import tracking
 from cyclegan.config import TrainConfig, load_config
 from cyclegan.errors import CheckpointError
+from cyclegan.spool import Spool
 from cyclegan.train import checkpoint as ckpt
 from cyclegan.train.launch import torchrun_command
 from cyclegan.train.losses import GANLoss
 from cyclegan.train.pool import ImagePool
 from cyclegan.train.schedule import lr_multiplier
 from cyclegan.train.step import LOSS_NAMES, CycleGAN, train_step
-from tests.test_train_support import one_thread_fixture  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -300,39 +301,73 @@ def test_gan_loss_rejects_unknown_mode() -> None:
 
 
 class _FlakyClient:
-    """An MLflow client whose server is down for the first ``down`` calls (all if None)."""
+    """An MLflow client whose server is down for the first ``down`` calls (all if None).
+
+    A stand-in for the server inside one process: the real-server outage (killed and
+    restarted mid-run) is tests/test_reliability_mlflow.py."""
 
     def __init__(self, down: int | None) -> None:
-        self.down, self.calls, self.metrics = down, 0, []
+        self.down, self.calls, self.metrics, self.ended = down, 0, [], []
 
-    def log_batch(self, run_id, metrics=(), params=()):
+    def _call(self) -> None:
         self.calls += 1
         if self.down is None or self.calls <= self.down:
             raise ConnectionError("connection refused")
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=()):
+        self._call()
         self.metrics.extend(metrics)
 
+    def set_terminated(self, run_id, status, end_time=None):
+        self._call()
+        self.ended.append(status)
 
-def test_lost_tracking_server_never_blocks_and_loss_is_reported(monkeypatch) -> None:
-    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)  # no real back-off waits
-    logger = tracking.BackgroundLogger(_FlakyClient(down=None), "run")
+
+def test_lost_tracking_server_never_blocks_and_everything_is_kept(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    spool = Spool(tmp_path / "spool", "run", uri)
+    logger = tracking.BackgroundLogger(_FlakyClient(down=None), "run", spool, uri)
     start = time.monotonic()
     for step in range(100):
         logger.log_metrics(step, {"loss_G": 1.0, "lr": 2e-4})
     assert time.monotonic() - start < 0.5  # the training loop only enqueues
-    lost = logger.close(unhealthy_timeout=5)
-    assert lost["metrics_lost"] == 200
+    logger.terminate("FINISHED")
+    pending = logger.close()
+    assert pending is not None
+    assert (pending.metrics, pending.status) == (200, "FINISHED")
+    # ... and the next command sends it once the server answers.
+    client = _FlakyClient(down=0)
+    assert Spool(tmp_path / "spool", "run", uri).replay(client)
+    assert len(client.metrics) == 200 and client.ended == ["FINISHED"]
+    assert Spool(tmp_path / "spool", "run", uri).empty()
 
 
-def test_tracking_server_back_after_an_outage_gets_everything(monkeypatch) -> None:
-    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
-    client = _FlakyClient(down=3)
-    logger = tracking.BackgroundLogger(client, "run")
+def test_tracking_server_back_after_an_outage_gets_everything(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = _FlakyClient(down=1)
+    spool = Spool(tmp_path / "spool", "run", uri)
+    logger = tracking.BackgroundLogger(client, "run", spool, uri, probe_every=0.05)
     for step in range(50):
         logger.log_metrics(step, {"loss_G": float(step)})
-    assert logger.close() == {
-        "metrics_lost": 0,
-        "uploads_failed": 0,
-        "calls_failed": 0,
-        "abandoned": 0,
-    }
+    logger.terminate("FINISHED")
+    assert logger.close() is None  # the probe found the store again and the spool was sent
     assert sorted(m.step for m in client.metrics) == list(range(50))
+    assert client.ended == ["FINISHED"]
+
+
+def test_precision_auto_is_bf16_only_where_the_hardware_runs_it_and_it_pays() -> None:
+    """auto: fp32 at the embedded 32 px on any CPU; bf16 at 256 px on a CPU with AVX512-BF16
+    or AMX (measured to pay from 64 px), fp32 on one without; an explicit setting wins."""
+    from cyclegan.hardware import native_bf16
+    from cyclegan.train.step import BF16_CPU_MIN_CROP, resolve_precision
+
+    cpu = torch.device("cpu")
+    small = load_config(None, ["train.precision=auto"]).train
+    big = load_config(
+        None, ["train.precision=auto", "data.load_size=256", "train.crop_size=256"]
+    ).train
+    assert resolve_precision(small, cpu)[0] == "fp32"
+    assert small.crop_size < BF16_CPU_MIN_CROP
+    assert resolve_precision(big, cpu)[0] == ("bf16" if native_bf16("cpu") else "fp32")
+    forced = load_config(None, ["train.precision=bf16"]).train
+    assert resolve_precision(forced, cpu) == ("bf16", "set explicitly")

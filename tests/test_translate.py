@@ -150,7 +150,7 @@ def test_cli_translates_a_folder_with_a_corrupt_file(
         text=True,
         timeout=180,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # bad input
     assert "no image could be translated" in proc.stderr.splitlines()[-1]
 
 
@@ -174,11 +174,15 @@ def test_cli_translates_with_the_registered_champion_from_a_sqlite_store(
     Image.fromarray(image).save(src / "field.png")
     expected = next(translate_arrays(load_generator(paths.model, "A2B"), [image], "cpu"))
     base = [cyclegan_exe, "translate", "--input", str(src), "--device", "cpu"]
+    # As a user runs it: no MLflow variable at all; the store is the default ./mlruns.db,
+    # which models:/ must resolve in (MLflow resolves it through the *registry* URI).
+    user_env = {k: v for k, v in cli_env.items() if not k.startswith("MLFLOW_")}
+    assert uri == f"sqlite:///{tmp_path / 'mlruns.db'}"
     for i, model in enumerate(["models:/cyclegan@champion", f"runs:/{run_id}/registered_model"]):
         out = tmp_path / f"out{i}"
         proc = subprocess.run(
             [*base, "--model", model, "--output", str(out)],
-            env=cli_env,
+            env=user_env,
             cwd=tmp_path,
             capture_output=True,
             text=True,
@@ -194,6 +198,7 @@ def test_cli_translates_with_the_registered_champion_from_a_sqlite_store(
         text=True,
         timeout=180,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # a model URI that does not resolve is bad input
     assert "could not download models:/cyclegan@nosuchalias" in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # no stray default store

@@ -11,37 +11,27 @@ Stages (each reads ``params.yaml`` or ``--params FILE`` plus ``--set section.key
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
+import os
+import signal
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from cyclegan import __version__
 from cyclegan.config import Config, describe_parameters, load_config
-from cyclegan.errors import CycleGANError, NotAvailableError
-from cyclegan.log import setup_logging
+from cyclegan.errors import CycleGANError, Stopped
+from cyclegan.log import redact, setup_logging
 from cyclegan.paths import Paths
 
 log = logging.getLogger("cyclegan")
 
 
-def _lazy(module: str, attr: str, issue: str) -> Callable[..., Any]:
-    """Import a stage implementation on first use, so ``cyclegan --help`` stays instant and a
-    stage that has not landed yet says so instead of failing with an ImportError."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and (module == e.name or module.startswith(e.name + ".")):
-            raise NotAvailableError(
-                f"this command is not available yet ({module} is missing)", f"see {issue}"
-            ) from None
-        raise
-    if not hasattr(mod, attr):
-        raise NotAvailableError(f"this command is not available yet ({module}.{attr})", issue)
-    return getattr(mod, attr)
+class _Terminated(BaseException):
+    """SIGTERM outside training (which stops gracefully by itself): like Ctrl-C."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,8 +123,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, type=Path, help="folder for the translations")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace files in --output that translate did not write",
+    )
+    _add_params_args(p)  # for the MLflow store that models:/ URIs resolve in
 
-    p = sub.add_parser("params", help="list every parameter with its default and meaning")
+    p = sub.add_parser(
+        "export",
+        help="export the generators (G_A, G_B) to ONNX with dynamic height and width",
+        description="Write G_A.onnx and G_B.onnx: float32 N x 3 x H x W in [-1, 1] in, the same "
+        "out, any H and W (the graph pads and crops). Each is checked against PyTorch in "
+        "onnxruntime before it is kept.",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a model folder, a checkpoint, or an MLflow URI (models:/NAME@champion, runs:/...)",
+    )
+    p.add_argument("--format", default="onnx", help="onnx (the only format for now)")
+    p.add_argument("--output", required=True, type=Path, help="folder for the exported files")
+    _add_params_args(p)  # for the MLflow store that models:/ URIs resolve in
+
+    p = sub.add_parser(
+        "params",
+        help="check the parameters and print every key with its value and meaning",
+        description="Validate params.yaml (or --params FILE) with the --set overrides and print "
+        "the resulting parameters as YAML, each with its meaning.",
+    )
+    _add_params_args(p)
+
+    p = sub.add_parser(
+        "sync",
+        help="send MLflow records kept while the tracking server was unreachable",
+        description="Training and evaluation keep what they could not send to MLflow in "
+        ".cyclegan/spool; every command sends it when the server answers. This command does "
+        "only that, and says what is still pending.",
+    )
+    _add_params_args(p)
 
     p = sub.add_parser("pipeline", help="the Kubeflow pipeline: compile, run locally, submit")
     psub = p.add_subparsers(dest="pipeline_command", metavar="ACTION", required=True)
@@ -146,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr = psub.add_parser("run-local", help="run the whole pipeline under kfp.local")
     _add_params_args(pr)
     pr.add_argument("--workdir", type=Path, default=Path("kfp_local_outputs"))
+    pr.add_argument(
+        "--variant",
+        dest="variants",
+        action="append",
+        default=[],
+        metavar="OVERRIDES",
+        help='one run of a sweep: space-separated overrides, e.g. --variant "train.lr=0.0001" '
+        '--variant "train.lr=0.0002 train.lambda_A=5" (repeatable; the best is champion)',
+    )
     ps = psub.add_parser("submit", help="compile and submit to a Kubeflow Pipelines endpoint")
     ps.add_argument(
         "--host", required=True, help="KFP API endpoint, e.g. https://kubeflow/pipeline"
@@ -175,7 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> Config:
-    return load_config(args.params, args.overrides, required=args.params is not None)
+    """The command's validated parameters (loaded once, before any work or lock)."""
+    cfg = getattr(args, "loaded_config", None)
+    if cfg is None:
+        cfg = load_config(args.params, args.overrides, required=args.params is not None)
+        args.loaded_config = cfg
+    return cfg
 
 
 def _paths(args: argparse.Namespace) -> Paths:
@@ -192,39 +233,36 @@ def _print_json(obj: Any) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    prepare = _lazy("cyclegan.data.prepare", "prepare", "the data issue")
-    prepare(cfg, _paths(args))
+    from cyclegan.data.prepare import prepare
+
+    prepare(_config(args), _paths(args))
     return 0
 
 
-def cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    cfg = _config(args)
-    launch = _lazy("cyclegan.train.launch", "launch_if_needed", "the training issue")
-    code = launch(cfg, argv)
-    if code is not None:  # torchrun was started and has finished
-        return code
-    train = _lazy("cyclegan.train.trainer", "train", "the training issue")
-    train(cfg, _paths(args))
+def cmd_train(args: argparse.Namespace) -> int:
+    from cyclegan.train import launch
+
+    launch.run(_config(args), _paths(args))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    evaluate = _lazy("cyclegan.evaluate.evaluate", "evaluate", "the evaluation issue")
-    _print_json(evaluate(cfg, _paths(args)))
+    from cyclegan.evaluate.evaluate import evaluate
+
+    _print_json(evaluate(_config(args), _paths(args)))
     return 0
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    register = _lazy("cyclegan.registry", "register", "the evaluation issue")
-    _print_json(register(cfg, _paths(args)))
+    from cyclegan.registry import register
+
+    _print_json(register(_config(args), _paths(args)))
     return 0
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
-    translate = _lazy("cyclegan.translate", "translate", "the evaluation issue")
+    from cyclegan.translate import translate
+
     translate(
         args.model,
         direction=args.direction,
@@ -232,21 +270,46 @@ def cmd_translate(args: argparse.Namespace) -> int:
         output_dir=args.output,
         device=args.device,
         batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        mlflow_cfg=_config(args).mlflow,  # the store models:/ URIs resolve in
     )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cyclegan.export import export
+
+    mlflow_cfg = _config(args).mlflow  # the store models:/ URIs resolve in
+    _print_json(export(args.model, args.output, fmt=args.format, mlflow_cfg=mlflow_cfg))
+    return 0
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    print(describe_parameters(_config(args)))
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    left = _send_pending(_config(args), quiet=False)
+    if left:
+        for p in left:
+            log.warning("run %s: still pending for %s: %s", p.run_id, p.uri, p.describe())
+        return 1
+    log.info("nothing pending for MLflow")
     return 0
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     # The Kubeflow front end lives beside the library (pipeline/), not inside it.
+    from cyclegan_kfp import cli as pipeline_cli
+
     if args.pipeline_command == "compile":
-        fn = _lazy("pipeline.cli", "compile_pipeline", "the Kubeflow issue")
-        fn(args.output, image=args.image)
+        pipeline_cli.compile_pipeline(args.output, image=args.image)
     elif args.pipeline_command == "run-local":
-        fn = _lazy("pipeline.cli", "run_local", "the Kubeflow issue")
-        fn(_config(args), args.workdir)
+        variants = [v.split() for v in args.variants] or None
+        pipeline_cli.run_local(_config(args), args.workdir, variants)
     else:
-        fn = _lazy("pipeline.cli", "submit", "the Kubeflow issue")
-        fn(
+        pipeline_cli.submit(
             host=args.host,
             namespace=args.namespace,
             experiment=args.experiment,
@@ -257,28 +320,105 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+# Commands that write in the project folder: one at a time (the project lock).
+_WRITERS = {"prepare", "train", "evaluate", "register", "sync", "pipeline run-local"}
+# Commands after which MLflow records kept from an outage are sent, if the server answers.
+_SENDS_PENDING = {"prepare", "train", "evaluate", "register", "translate", "pipeline run-local"}
+
+
+def _send_pending(cfg: Config, quiet: bool = True) -> list[Any]:
+    """Send the project's spooled MLflow records if the server answers; what is left."""
+    from cyclegan import spool, tracking
+
+    folder = Paths().spool
+    if not spool.spools(folder):
+        return []
+    uri = tracking.use(cfg.mlflow)
+    if not tracking.is_reachable(uri):
+        left = [s.pending() for s in spool.spools(folder)]
+        for p in left:
+            log.warning(
+                "MLflow at %s is unreachable; run %s still has %s waiting in %s",
+                redact(uri),
+                p.run_id,
+                p.describe(),
+                folder,
+            )
+        return left
+    return spool.replay_all(folder, uri, lambda: tracking.client(uri), quiet=quiet)
+
+
+def _run(name: str, args: argparse.Namespace, handler: Callable[[], int]) -> int:
+    from cyclegan.lock import project_lock
+
+    has_params = hasattr(args, "overrides")
+    if has_params:
+        _config(args)  # bad parameters fail here, before anything is written
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if name in _WRITERS and rank0:
+        with project_lock(Paths().lock_file):
+            if name in _SENDS_PENDING and has_params:
+                _send_pending(_config(args))
+            return handler()
+    if name in _SENDS_PENDING and rank0 and has_params:
+        _send_pending(_config(args))
+    return handler()
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cyclegan`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    name = args.command
+    if name == "pipeline":
+        name = f"pipeline {args.pipeline_command}"
+    handlers: dict[str, Callable[[], int]] = {
+        "prepare": lambda: cmd_prepare(args),
+        "train": lambda: cmd_train(args),
+        "evaluate": lambda: cmd_evaluate(args),
+        "register": lambda: cmd_register(args),
+        "translate": lambda: cmd_translate(args),
+        "export": lambda: cmd_export(args),
+        "params": lambda: cmd_params(args),
+        "sync": lambda: cmd_sync(args),
+    }
+    handler = handlers.get(args.command) or (lambda: cmd_pipeline(args))
+    main_thread = threading_is_main()
+    if main_thread:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)  # training installs its own
     try:
-        if args.command == "params":
-            print(describe_parameters())
-            return 0
-        if args.command == "train":
-            return cmd_train(args, argv)
-        handlers = {
-            "prepare": cmd_prepare,
-            "evaluate": cmd_evaluate,
-            "register": cmd_register,
-            "translate": cmd_translate,
-            "pipeline": cmd_pipeline,
-        }
-        return handlers[args.command](args)
+        return _run(name, args, handler)
+    except Stopped as e:
+        if str(e) and os.environ.get("RANK", "0") == "0":  # rank 0 speaks for the job
+            print(f"cyclegan {name}: {redact(str(e))}", file=sys.stderr)
+        return e.exit_code
     except CycleGANError as e:
-        print(f"cyclegan {args.command}: error: {e}", file=sys.stderr)
+        print(f"cyclegan {name}: error: {redact(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print(f"cyclegan {args.command}: interrupted", file=sys.stderr)
+        print(f"cyclegan {name}: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print(f"cyclegan {name}: stopped by SIGTERM", file=sys.stderr)
+        return 143
+    except Exception:
+        # A bug: keep the traceback, but never print a credential that a message carried.
+        print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        return 1
+    finally:
+        if main_thread:
+            # Done: a late SIGTERM (torchrun's agent stopping a rank that has already failed)
+            # ends the process as usual instead of raising into the interpreter's exit.
+            signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)
+
+
+def threading_is_main() -> bool:
+    """Signal handlers can only be installed from the main thread (not when embedded)."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -6,6 +6,7 @@ Kubeflow components point the same fields at their artifact paths.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +27,36 @@ class Paths:
     """train.json, eval.json, register.json."""
     plots: Path = field(default_factory=lambda: Path("plots"))
     """train_loss.csv and sample grids."""
+    state: Path = field(default_factory=lambda: Path(".cyclegan"))
+    """The project folder's own state, never versioned: the writer lock, MLflow calls waiting
+    for the server, cached features of real images."""
 
     @property
     def run_file(self) -> Path:
         """JSON with the MLflow run id that training opened; evaluate/register log into it."""
         return self.model / "run.json"
+
+    @property
+    def lock_file(self) -> Path:
+        """Held by the stage that writes in this project folder (one writer at a time)."""
+        return self.state / "lock"
+
+    @property
+    def project_state(self) -> Path:
+        """The state folder of the project itself: ``state``, except in a DVC experiment run
+        from the queue, which runs in a temporary copy of the project (DVC names the real one
+        in ``$DVC_ROOT``): pending MLflow records and caches must outlive that copy."""
+        root = os.environ.get("DVC_ROOT")
+        if root and not self.state.is_absolute() and Path(root).resolve() != Path.cwd().resolve():
+            return Path(root) / self.state
+        return self.state
+
+    @property
+    def spool(self) -> Path:
+        """MLflow calls that could not be sent yet (replayed when the server answers)."""
+        return self.project_state / "spool"
+
+    @property
+    def cache(self) -> Path:
+        """Caches keyed by content (e.g. Inception features of the real test images)."""
+        return self.project_state / "cache"

@@ -19,7 +19,7 @@ Direction of "better": ``register.greater_is_better``, or from the metric's name
 ``kid*``: lower; ``psnr*``, ``ssim*``: higher).
 
 The decision and its reason go to ``metrics/register.json`` (numbers numeric for ``dvc
-metrics``: ``registered`` and ``created_version`` are 0/1).
+metrics``: ``registered`` and ``created`` - a new version was made by this call - are 0/1).
 """
 
 from __future__ import annotations
@@ -29,16 +29,16 @@ import importlib.metadata
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from cyclegan import tracking
-from cyclegan.config import Config
-from cyclegan.errors import ConfigError, CycleGANError
+from cyclegan.config import Config, RegisterConfig
+from cyclegan.errors import ConfigError, CycleGANError, DataError
+from cyclegan.fsio import write_json
 from cyclegan.models.io import GENERATOR_FILES, read_model_json
 from cyclegan.paths import Paths
 
@@ -77,6 +77,31 @@ def passes_threshold(value: float, threshold: float | None, higher_better: bool)
     return value >= threshold if higher_better else value <= threshold
 
 
+def threshold_gate(
+    rcfg: RegisterConfig, metrics: Mapping[str, Any], source: str = "eval.json"
+) -> tuple[bool, str]:
+    """The first half of the gate (see the module docstring): does ``register.metric`` in
+    ``metrics`` reach ``register.threshold``? Returns the answer and, when no, why. The
+    Kubeflow pipeline's registration condition is this same function's answer."""
+    if rcfg.metric not in metrics:
+        err = ConfigError(
+            f"register.metric = {rcfg.metric!r} is not in {source}",
+            f"choose one of: {', '.join(sorted(metrics))}",
+        )
+        err.key = "register.metric"
+        raise err
+    higher = greater_is_better(rcfg.metric, rcfg.greater_is_better)
+    value = _as_float(metrics[rcfg.metric])
+    if value is None:
+        return False, f"{rcfg.metric} is {metrics[rcfg.metric]!r}, not a finite number"
+    if not passes_threshold(value, rcfg.threshold, higher):
+        op = ">=" if higher else "<="
+        return False, (
+            f"{rcfg.metric} = {value:.6g} does not pass the threshold ({op} {rcfg.threshold})"
+        )
+    return True, ""
+
+
 def beats(value: float, champion: float, higher_better: bool) -> bool:
     """Strictly better: a tie keeps the champion."""
     return value > champion if higher_better else value < champion
@@ -86,7 +111,15 @@ def _read_eval(paths: Paths) -> dict[str, Any]:
     path = paths.metrics / "eval.json"
     if not path.is_file():
         raise CycleGANError(f"{path} not found", "run `cyclegan evaluate` first")
-    return json.loads(path.read_text())
+    try:
+        metrics = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(
+            f"{path} is not valid JSON ({str(e)[:80]})", "run `cyclegan evaluate` again"
+        ) from None
+    if not isinstance(metrics, dict):
+        raise DataError(f"{path} is not a JSON object", "run `cyclegan evaluate` again")
+    return metrics
 
 
 def _read_details(paths: Paths) -> dict[str, Any]:
@@ -98,40 +131,7 @@ def _read_details(paths: Paths) -> dict[str, Any]:
 
 
 def _write_result(paths: Paths, result: dict[str, Any]) -> None:
-    paths.metrics.mkdir(parents=True, exist_ok=True)
-    path = paths.metrics / REGISTER_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def mlflow_uri(uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API (tracking and registry) at ``uri`` for a block.
-
-    ``log_model`` and ``register_model`` only use the process-wide URIs. Setting them also
-    exports ``MLFLOW_TRACKING_URI``/``MLFLOW_REGISTRY_URI``; afterwards the previous state,
-    including "not set", is put back so a library caller's configuration is left alone.
-    """
-    import mlflow
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    env_keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    saved_env = {k: os.environ.get(k) for k in env_keys}
-    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(saved[0])
-        registry_utils._registry_uri = saved[1]
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    write_json(paths.metrics / REGISTER_FILE, result)
 
 
 def _requirements() -> list[str]:
@@ -180,32 +180,15 @@ def _versions_of_run(c: Any, name: str, run_id: str) -> list[Any]:
     return sorted(found, key=lambda mv: int(mv.version))
 
 
-def _resolve_run(c: Any, cfg: Config, paths: Paths) -> tuple[str, bool]:
-    """The training run from run.json, else a new run in the experiment (with a warning)."""
-    info = tracking.read_run_file(paths.run_file)
-    if info and info.get("run_id"):
-        try:
-            c.get_run(info["run_id"])
-            return info["run_id"], False
-        except Exception:
-            log.warning(
-                "run %s from %s is not in this MLflow store", info["run_id"], paths.run_file
-            )
-    else:
-        log.warning("no %s: the model is logged to a new MLflow run", paths.run_file)
-    exp_id = tracking.get_or_create_experiment(c, cfg.mlflow.experiment)
-    tags = {**tracking.provenance_tags(paths.prepared), "cyclegan.stage": "register"}
-    run = c.create_run(exp_id, tags=tags, run_name="register")
-    return run.info.run_id, True
-
-
-def log_pyfunc_model(uri: str, run_id: str, model_dir: Path) -> str:
-    """Log the generators in ``model_dir`` as a pyfunc model under ``run_id``; its URI."""
+def log_pyfunc_model(uri: str, run_id: str, model_dir: Path, onnx: bool = False) -> str:
+    """Log the generators in ``model_dir`` as a pyfunc model under ``run_id``; its URI. With
+    ``onnx``, the model also carries ``G_A.onnx`` and ``G_B.onnx`` (artifact ``onnx``), each
+    checked against PyTorch in onnxruntime, so a registered version serves either way."""
     import mlflow
     import numpy as np
     import pandas as pd
 
-    from cyclegan.serving import encode_png, signature
+    from cyclegan.serving import GENERATORS_ARTIFACT, encode_png, signature
 
     read_model_json(model_dir)  # a clear error if this is not a model folder
     status = tracking.client(uri).get_run(run_id).info.status
@@ -217,25 +200,49 @@ def log_pyfunc_model(uri: str, run_id: str, model_dir: Path) -> str:
             if not (model_dir / name).is_file():
                 raise CycleGANError(f"{model_dir / name} is missing", "re-run `cyclegan train`")
             shutil.copy2(model_dir / name, staged / name)
-        with mlflow_uri(uri):
-            mlflow.start_run(run_id=run_id)
-            try:
-                info = mlflow.pyfunc.log_model(
-                    name=MODEL_ARTIFACT,
-                    python_model=str(SERVING_FILE),
-                    artifacts={"generators": str(staged)},
-                    code_paths=[str(PACKAGE_DIR)],
-                    signature=signature(),
-                    # A tiny odd-sized image: documents the input and checks it translates.
-                    input_example=pd.DataFrame(
-                        {"image": [encode_png(np.full((6, 10, 3), 128, np.uint8))]}
-                    ),
-                    pip_requirements=_requirements(),
-                )
-            finally:
-                # Resuming the run set it RUNNING; give it back the status it had.
-                mlflow.end_run(status=status if status != "RUNNING" else "FINISHED")
+        artifacts = {GENERATORS_ARTIFACT: str(staged)}
+        if onnx and _onnx_available():
+            artifacts["onnx"] = str(_onnx_files(model_dir, Path(tmp) / "onnx"))
+        tracking.use_uri(uri)  # log_model and register_model use MLflow's process-wide URIs
+        mlflow.start_run(run_id=run_id)
+        try:
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_ARTIFACT,
+                python_model=str(SERVING_FILE),
+                artifacts=artifacts,
+                code_paths=[str(PACKAGE_DIR)],
+                signature=signature(),
+                # A tiny odd-sized image: documents the input and checks it translates.
+                input_example=pd.DataFrame(
+                    {"image": [encode_png(np.full((6, 10, 3), 128, np.uint8))]}
+                ),
+                pip_requirements=_requirements(),
+            )
+        finally:
+            # Resuming the run set it RUNNING; give it back the status it had.
+            mlflow.end_run(status=status if status != "RUNNING" else "FINISHED")
     return info.model_uri
+
+
+def _onnx_available() -> bool:
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        log.warning(
+            "register.onnx: the %s package is not installed; the version has no ONNX files "
+            "(pip install 'cyclegan-pipeline[onnx]', or set register.onnx=false)",
+            missing[0],
+        )
+    return not missing
+
+
+def _onnx_files(model_dir: Path, out: Path) -> Path:
+    """The ONNX export of the generators in ``out``; a missing onnx package is one line."""
+    from cyclegan.export import export_onnx
+
+    export_onnx(model_dir, out)
+    return out
 
 
 def register(cfg: Config, paths: Paths) -> dict[str, Any]:
@@ -245,13 +252,7 @@ def register(cfg: Config, paths: Paths) -> dict[str, Any]:
     """
     rcfg = cfg.register
     metrics = _read_eval(paths)
-    if rcfg.metric not in metrics:
-        err = ConfigError(
-            f"register.metric = {rcfg.metric!r} is not in {paths.metrics / 'eval.json'}",
-            f"choose one of: {', '.join(sorted(metrics))}",
-        )
-        err.key = "register.metric"
-        raise err
+    passed, why = threshold_gate(rcfg, metrics, source=str(paths.metrics / "eval.json"))
     higher = greater_is_better(rcfg.metric, rcfg.greater_is_better)
     value = _as_float(metrics[rcfg.metric])
     result: dict[str, Any] = {
@@ -262,7 +263,7 @@ def register(cfg: Config, paths: Paths) -> dict[str, Any]:
         "value": value,
         "threshold": rcfg.threshold,
         "registered": 0,
-        "created_version": 0,
+        "created": 0,
         "version": None,
         "champion_version": None,
         "champion_value": None,
@@ -275,19 +276,14 @@ def register(cfg: Config, paths: Paths) -> dict[str, Any]:
         (log.info if result["registered"] else log.warning)("register: %s", reason)
         return result
 
-    if value is None:
-        return done("rejected", f"{rcfg.metric} is {metrics[rcfg.metric]!r}, not a finite number")
-    if not passes_threshold(value, rcfg.threshold, higher):
-        op = ">=" if higher else "<="
-        return done(
-            "rejected",
-            f"{rcfg.metric} = {value:.6g} does not pass the threshold ({op} {rcfg.threshold})",
-        )
+    if not passed:
+        return done("rejected", why)
+    assert value is not None  # the gate passed, so the metric is a finite number
 
-    uri = tracking.tracking_uri(cfg.mlflow)
+    uri = tracking.use(cfg.mlflow)
     tracking.ensure_reachable(uri)
     c = tracking.client(uri)
-    run_id, _ = _resolve_run(c, cfg, paths)
+    run_id, _ = tracking.stage_run(c, cfg, paths, "registration")
     result["run_id"] = run_id
     name, alias = rcfg.model_name, rcfg.alias
     champion, champion_value = _champion(c, name, alias, rcfg.metric)
@@ -320,7 +316,7 @@ def register(cfg: Config, paths: Paths) -> dict[str, Any]:
         log.info("run %s already has version %s of %s; reusing it", run_id, version.version, name)
     else:
         version = _create_version(c, cfg, paths, uri, run_id, metrics)
-        result["created_version"] = 1
+        result["created"] = 1
     c.set_registered_model_alias(name, alias, version.version)
     result["registered"], result["version"] = 1, int(version.version)
     before = (
@@ -352,8 +348,8 @@ def _create_version(
     }
     if details.get("fid_weights_sha256"):
         tags["fid_weights_sha256"] = str(details["fid_weights_sha256"])
-    model_uri = log_pyfunc_model(uri, run_id, paths.model)
-    with mlflow_uri(uri):
-        mv = mlflow.register_model(model_uri, cfg.register.model_name, tags=tags)
+    model_uri = log_pyfunc_model(uri, run_id, paths.model, onnx=cfg.register.onnx)
+    tracking.use_uri(uri)
+    mv = mlflow.register_model(model_uri, cfg.register.model_name, tags=tags)
     log.info("registered %s version %s from run %s", cfg.register.model_name, mv.version, run_id)
     return mv

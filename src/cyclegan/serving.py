@@ -37,8 +37,9 @@ from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image, ImageOps
 
+from cyclegan.hardware import resolve_device
 from cyclegan.models.io import load_generator
-from cyclegan.translate import DIRECTIONS, resolve_device, translate_arrays
+from cyclegan.translate import DIRECTIONS, translate_arrays
 
 GENERATORS_ARTIFACT = "generators"  # the artifacts key of the model folder
 IMAGE, DIRECTION = "image", "direction"
@@ -73,19 +74,28 @@ def signature() -> ModelSignature:
     )
 
 
+def _bad_request(message: str) -> Exception:
+    """An error the scoring server returns as HTTP 400 with this message (a plain exception
+    would reach the client only as a generic message with a stack trace)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
 class CycleGANModel(PythonModel):
     """CycleGAN's two generators behind ``predict`` (see the module docstring)."""
 
     def load_context(self, context: Any) -> None:
         folder = Path(context.artifacts[GENERATORS_ARTIFACT])
         self.device = resolve_device("auto")
-        self.nets = {d: load_generator(folder, d, self.device) for d in DIRECTIONS}
+        self.nets = {d: load_generator(folder, d, self.device) for d in ("A2B", "B2A")}
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
         if not isinstance(model_input, pd.DataFrame) or IMAGE not in model_input.columns:
-            raise ValueError(f"expected a DataFrame with an {IMAGE!r} column of image bytes")
+            raise _bad_request(f"expected a DataFrame with an {IMAGE!r} column of image bytes")
         default = (params or {}).get(DIRECTION) or "A2B"
         if DIRECTION in model_input.columns:
             directions = [
@@ -95,7 +105,7 @@ class CycleGANModel(PythonModel):
             directions = [default] * len(model_input)
         bad = sorted({d for d in directions if d not in DIRECTIONS})
         if bad:
-            raise ValueError(f"direction must be A2B or B2A, got {bad}")
+            raise _bad_request(f"direction must be A2B or B2A, got {bad}")
         images = []
         for i, data in enumerate(model_input[IMAGE]):
             if isinstance(data, str):  # base64 text from a caller that skipped the schema
@@ -105,7 +115,7 @@ class CycleGANModel(PythonModel):
             try:
                 images.append(decode_image(bytes(data)))
             except Exception as e:
-                raise ValueError(f"row {i}: not a readable image ({e})") from None
+                raise _bad_request(f"row {i}: not a readable image ({e})") from None
         outputs: list[np.ndarray | None] = [None] * len(images)
         for d in DIRECTIONS:
             rows = [i for i, di in enumerate(directions) if di == d]

@@ -32,12 +32,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
+from PIL.PngImagePlugin import PngInfo
 
+from cyclegan.config import MlflowConfig
 from cyclegan.data.dataset import list_images
-from cyclegan.errors import CycleGANError
-from cyclegan.log import progress_enabled
+from cyclegan.errors import InputError, ModelError
+from cyclegan.fsio import atomic_write
+from cyclegan.hardware import resolve_device
+from cyclegan.log import progress_enabled, redact
 from cyclegan.models.io import GeneratorSpec, load_generator
 from cyclegan.models.networks import ResnetGenerator
 
@@ -56,33 +59,35 @@ URI_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/")
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` = CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CycleGANError("device cuda was requested but no CUDA GPU is available", "use cpu")
-    return torch.device(device)
-
-
 def pad_to_multiple(
     x: torch.Tensor, multiple: int = MULTIPLE, minimum: int = MIN_SIDE
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Pad ``N x C x H x W`` on the bottom/right to sides divisible by ``multiple`` and at least
-    ``minimum`` long.
+    ``minimum`` long. Returns the padded tensor and the original ``(H, W)`` to crop back to.
 
-    Reflection padding, like the network's own; sides too short to reflect are padded by
-    replication. Returns the padded tensor and the original ``(H, W)`` to crop back to.
+    Reflection padding, like the network's own (the edge row is not repeated); sides too short
+    to reflect are padded by replication. Written as one index gather per side, with no
+    branch on the size, so that the ONNX export (:mod:`cyclegan.export`) captures this very
+    rule for every size: a branch would be frozen to the example's case.
     """
-    h, w = x.shape[-2:]
-    ph = max(minimum, h + (-h) % multiple) - h
-    pw = max(minimum, w + (-w) % multiple) - w
-    if ph or pw:
-        mode = "reflect" if ph < h and pw < w else "replicate"
-        x = F.pad(x, (0, pw, 0, ph), mode=mode)
-    return x, (h, w)
+    h, w = x.shape[-2], x.shape[-1]
+    jh = _padded_range(h, multiple, minimum, x.device)
+    jw = _padded_range(w, multiple, minimum, x.device)
+    # Row j past the end is row 2(n - 1) - j when reflecting, row n - 1 when replicating;
+    # reflection needs both pads shorter than their side (the last row's mirror still inside).
+    mirror_h, mirror_w = 2 * (h - 1) - jh, 2 * (w - 1) - jw
+    reflect = (mirror_h[-1] >= 0) & (mirror_w[-1] >= 0)
+    ih = torch.where(reflect, torch.where(jh < h, jh, mirror_h), jh.clamp(max=h - 1))
+    iw = torch.where(reflect, torch.where(jw < w, jw, mirror_w), jw.clamp(max=w - 1))
+    return x.index_select(2, ih).index_select(3, iw), (h, w)
+
+
+def _padded_range(n: int, multiple: int, minimum: int, device: torch.device) -> torch.Tensor:
+    """``0 .. padded - 1`` for a side of ``n``: ``padded = max(minimum, n rounded up to
+    multiple)``, written as a count of blocks so an exporter can prove the generator gives
+    the same length back."""
+    blocks = max(-(-minimum // multiple), (n + multiple - 1) // multiple)
+    return torch.arange(blocks * multiple, device=device)
 
 
 def to_uint8(y: torch.Tensor) -> torch.Tensor:
@@ -153,14 +158,15 @@ def spec_from_state_dict(sd: Mapping[str, torch.Tensor]) -> GeneratorSpec:
         first = sd["model.1.weight"]  # the 7x7 input conv: ngf x input_nc x 7 x 7
         blocks = {k.split(".")[1] for k in sd if ".conv_block." in k}
         last = max((k for k in sd if k.endswith(".weight")), key=lambda k: int(k.split(".")[1]))
-        return GeneratorSpec(
-            input_nc=int(first.shape[1]),
-            output_nc=int(sd[last].shape[0]),
-            ngf=int(first.shape[0]),
-            n_blocks=len(blocks),
-        )
+        found = {
+            "input_nc": int(first.shape[1]),
+            "output_nc": int(sd[last].shape[0]),
+            "ngf": int(first.shape[0]),
+            "n_blocks": len(blocks),
+        }
     except (KeyError, IndexError, ValueError, AttributeError):
-        raise CycleGANError("the weights are not a CycleGAN ResnetGenerator state dict") from None
+        raise ModelError("the weights are not a CycleGAN ResnetGenerator state dict") from None
+    return GeneratorSpec.from_json(found, "the weights")  # bounded before anything is built
 
 
 def generator_from_state_dict(
@@ -172,7 +178,7 @@ def generator_from_state_dict(
     try:
         net.load_state_dict(sd)
     except RuntimeError as e:
-        raise CycleGANError(f"the generator weights do not fit: {str(e).splitlines()[0]}") from None
+        raise ModelError(f"the generator weights do not fit: {str(e).splitlines()[0]}") from None
     return net.to(resolve_device(device)).eval()
 
 
@@ -195,68 +201,72 @@ def _load_checkpoint_generator(path: Path, direction: str, device: str) -> Resne
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CycleGANError(
+        raise ModelError(
             f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:200]})",
             "pass a model folder, a training checkpoint or an MLflow models:/ URI",
         ) from None
     sd = _find_state_dict(ckpt, key)
     if sd is None:
-        raise CycleGANError(f"{path} holds no {key} generator (the {direction} direction)")
+        raise ModelError(f"{path} holds no {key} generator (the {direction} direction)")
     return generator_from_state_dict(sd, device)
 
 
-def _mlflow_uris() -> tuple[str, str]:
-    from cyclegan.config import MlflowConfig
-    from cyclegan.tracking import tracking_uri
-
-    uri = tracking_uri(MlflowConfig())
-    return uri, uri
-
-
-def download_model_folder(uri: str, dst: str | Path) -> Path:
+def download_model_folder(
+    uri: str, dst: str | Path, mlflow_cfg: MlflowConfig | None = None
+) -> Path:
     """Download an MLflow model (``models:/...``, ``runs:/...``) and return the folder inside
-    it that holds ``model.json`` and the safetensors."""
+    it that holds ``model.json`` and the safetensors. The store is the one every command uses
+    (:func:`cyclegan.tracking.use`: params, else $MLFLOW_TRACKING_URI, else mlruns.db)."""
     import mlflow.artifacts
 
-    tracking, registry = _mlflow_uris()
+    from cyclegan import tracking
+
+    store = tracking.use(mlflow_cfg or MlflowConfig())
+    tracking.ensure_reachable(store)
     try:
         local = mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking, registry_uri=registry
+            artifact_uri=uri, dst_path=str(dst), tracking_uri=store, registry_uri=store
         )
     except Exception as e:
-        raise CycleGANError(
-            f"could not download {uri} from MLflow at {tracking} ({str(e).splitlines()[0][:300]})",
+        raise ModelError(
+            f"could not download {uri} from MLflow at {redact(store)} "
+            f"({redact(str(e).splitlines()[0])[:300]})",
             "check the URI (models:/NAME@champion, models:/NAME/VERSION, runs:/RUN_ID/"
-            "registered_model) and MLFLOW_TRACKING_URI",
+            "registered_model) and the tracking store (MLFLOW_TRACKING_URI or "
+            "mlflow.tracking_uri)",
         ) from None
     found = sorted(Path(local).rglob("model.json"), key=lambda p: len(p.parts))
     if not found:
-        raise CycleGANError(f"{uri} is not a CycleGAN model (no model.json in its files)")
+        raise ModelError(f"{uri} is not a CycleGAN model (no model.json in its files)")
     return found[0].parent
 
 
 def load_translator(
-    model: str | Path, direction: str = "A2B", device: str | torch.device = "auto"
+    model: str | Path,
+    direction: str = "A2B",
+    device: str | torch.device = "auto",
+    mlflow_cfg: MlflowConfig | None = None,
 ) -> ResnetGenerator:
     """The generator for ``direction`` from a model folder, checkpoint, safetensors file or
     MLflow URI (see the module docstring)."""
     if direction not in DIRECTIONS:
-        raise CycleGANError(f"direction must be A2B or B2A, got {direction!r}")
+        raise InputError(f"direction must be A2B or B2A, got {direction!r}")
     device = resolve_device(device)
     text = str(model)
     if text.startswith(URI_PREFIXES):
         with tempfile.TemporaryDirectory(prefix="cyclegan-model-") as tmp:
-            folder = download_model_folder(text, tmp)
+            folder = download_model_folder(text, tmp, mlflow_cfg)
             return load_generator(folder, direction, device)  # type: ignore[arg-type]
     if "://" in text:
-        raise CycleGANError(
-            f"unsupported model URI {text!r}", "use models:/NAME@ALIAS, models:/NAME/N or runs:/"
+        raise ModelError(
+            f"unsupported model URI {redact(text)!r}",
+            "use models:/NAME@ALIAS, models:/NAME/N or runs:/",
         )
     path = Path(model)
     if path.is_dir():
         return load_generator(path, direction, device)  # type: ignore[arg-type]
     if not path.exists():
-        raise CycleGANError(
+        raise ModelError(
             f"model {path} does not exist",
             "pass a model folder (models/cyclegan), a checkpoint or models:/NAME@champion",
         )
@@ -264,7 +274,13 @@ def load_translator(
         from safetensors.torch import load_file
 
         log.info("%s is one generator; --direction does not apply", path.name)
-        return generator_from_state_dict(load_file(str(path)), device)
+        try:
+            sd = load_file(str(path))
+        except Exception as e:  # a damaged header
+            raise ModelError(
+                f"{path} is not a readable safetensors file ({str(e).splitlines()[0][:120]})"
+            ) from None
+        return generator_from_state_dict(sd, device)
     return _load_checkpoint_generator(path, direction, str(device))
 
 
@@ -276,8 +292,8 @@ def load_translator(
 def read_image(path: Path) -> np.ndarray:
     """An image file as ``H x W x 3`` uint8, upright (EXIF orientation applied)."""
     with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        upright = ImageOps.exif_transpose(im)
+        return np.asarray(upright.convert("RGB"), dtype=np.uint8)
 
 
 def _output_names(inputs: list[Path]) -> list[str]:
@@ -299,6 +315,52 @@ def _output_names(inputs: list[Path]) -> list[str]:
     return names
 
 
+# Written into every PNG that translate produces: how it recognises its own earlier outputs,
+# which it may replace; any other file in the output folder it leaves alone.
+SOFTWARE_TAG = "cyclegan translate"
+
+
+def _is_own_output(path: Path) -> bool:
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and im.info.get("Software", "").startswith(SOFTWARE_TAG)
+    except Exception:  # not an image at all: certainly not ours
+        return False
+
+
+def check_output_folder(
+    inputs: list[Path], input_path: Path, output_dir: Path, names: list[str], overwrite: bool
+) -> None:
+    """Refuse, before anything is written, an output folder that is (or is inside) the input
+    folder, and any existing file translate would replace that it did not write itself."""
+    out = output_dir.resolve()
+    if input_path.is_dir():
+        src = input_path.resolve()
+        if out == src or src in out.parents:
+            where = "the input folder" if out == src else "inside the input folder"
+            raise InputError(
+                f"--output {output_dir} is {where} {input_path}: translations would mix with "
+                "(or replace) the inputs",
+                "choose an output folder outside the input folder",
+            )
+    if overwrite:
+        return
+    inputs_resolved = {p.resolve() for p in inputs}
+    clash = [
+        output_dir / n
+        for n in names
+        if (output_dir / n).exists()
+        and ((output_dir / n).resolve() in inputs_resolved or not _is_own_output(output_dir / n))
+    ]
+    if clash:
+        more = f" and {len(clash) - 1} more" if len(clash) > 1 else ""
+        raise InputError(
+            f"{clash[0]}{more} already exist{'s' if len(clash) == 1 else ''} and "
+            f"{'was' if len(clash) == 1 else 'were'} not written by cyclegan translate",
+            "choose another --output, or pass --overwrite to replace them",
+        )
+
+
 def translate(
     model: str | Path,
     direction: str = "A2B",
@@ -306,15 +368,19 @@ def translate(
     output_dir: str | Path = "translated",
     device: str = "auto",
     batch_size: int = 1,
+    overwrite: bool = False,
+    mlflow_cfg: MlflowConfig | None = None,
 ) -> dict[str, Any]:
     """Translate a folder of images (or one image) into ``output_dir`` as PNG files.
 
-    Unreadable files get one warning each and are skipped; a summary line follows. Raises
-    :class:`CycleGANError` when the model cannot be loaded, there is no input image, or no
-    image could be translated. Returns ``{"translated", "failed", "output_dir"}``.
+    Never writes into the input folder, and never replaces a file it did not write itself
+    unless ``overwrite`` (:func:`check_output_folder`, before any work). Unreadable files get
+    one warning each and are skipped; a summary line follows. Raises :class:`CycleGANError`
+    when the model cannot be loaded, there is no input image, or no image could be
+    translated. Returns ``{"translated", "failed", "output_dir"}``.
     """
     if batch_size < 1:
-        raise CycleGANError(f"batch size must be >= 1, got {batch_size}")
+        raise InputError(f"batch size must be >= 1, got {batch_size}")
     input_path, output_dir = Path(input_path), Path(output_dir)
     if input_path.is_dir():
         inputs = list_images(input_path)
@@ -326,13 +392,16 @@ def translate(
     elif input_path.is_file():
         inputs = [input_path]
     else:
-        raise CycleGANError(f"input {input_path} does not exist")
+        raise InputError(f"input {input_path} does not exist")
     if not inputs:
-        raise CycleGANError(f"no images in {input_path}", "expected .png, .jpg, ... files")
-    net = load_translator(model, direction, device)
+        raise InputError(f"no images in {input_path}", "expected .png, .jpg, ... files")
+    names = _output_names(inputs)
+    check_output_folder(inputs, input_path, output_dir, names, overwrite)
+    net = load_translator(model, direction, device, mlflow_cfg)
     dev = next(net.parameters()).device
     output_dir.mkdir(parents=True, exist_ok=True)
-    names = _output_names(inputs)
+    info = PngInfo()
+    info.add_text("Software", f"{SOFTWARE_TAG} {direction} {redact(str(model))}"[:200])
 
     failed: list[str] = []
     readable: list[str] = []
@@ -368,7 +437,10 @@ def translate(
     # translate_arrays pulls an image (recording its name) before yielding its translation,
     # so the i-th output belongs to readable[i].
     for i, out in enumerate(translate_arrays(net, images(), dev, batch_size)):
-        Image.fromarray(out).save(output_dir / readable[i], format="PNG")
+        img = Image.fromarray(out)
+        atomic_write(
+            output_dir / readable[i], lambda fh, img=img: img.save(fh, "PNG", pnginfo=info)
+        )
         done += 1
         advance()
     if bar is not None:
@@ -377,7 +449,7 @@ def translate(
     if failed:
         summary += f"; {len(failed)} skipped"
     if done == 0:
-        raise CycleGANError(
+        raise InputError(
             f"no image could be translated from {input_path} ({len(failed)} unreadable)"
         )
     log.info(summary)

@@ -42,9 +42,16 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
-    """An image as an ``HxWx3`` uint8 array."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    """An image as an ``HxWx3`` uint8 array. Callers read prepared data, which ``prepare``
+    validated: a file that no longer reads was damaged or replaced since (a DataError)."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except Exception as e:  # PIL raises many types for a damaged file
+        raise DataError(
+            f"{path} is not a readable image ({(str(e).splitlines() or [''])[0][:120]})",
+            "restore it or re-run `cyclegan prepare`, which checks every image",
+        ) from None
 
 
 def to_tensor(img: np.ndarray) -> torch.Tensor:
@@ -76,7 +83,8 @@ class UnpairedDataset(Dataset):
         for name, paths in ((f"{phase}A", self.a_paths), (f"{phase}B", self.b_paths)):
             if not paths:
                 raise DataError(
-                    f"no images in {root / name}", "run `cyclegan prepare` (or check --prepared-dir)"
+                    f"no images in {root / name}",
+                    "run `cyclegan prepare` (or check --prepared-dir)",
                 )
         self.crop_size, self.flip, self.seed = crop_size, flip, seed
         self.epoch = 0

@@ -35,7 +35,7 @@ from cyclegan.config import Config, DataConfig
 from cyclegan.data import sources, synthetic
 from cyclegan.data.images import ImageRejected, convert_file, sha256_bytes
 from cyclegan.errors import DataError
-from cyclegan.log import progress_enabled
+from cyclegan.log import progress_enabled, redact_values
 from cyclegan.paths import Paths
 
 log = logging.getLogger("cyclegan.data")
@@ -289,7 +289,8 @@ def _manifest(
     counts = {split: sum(1 for r in files if r.startswith(f"{split}/")) for split in plan}
     return {
         "format": MANIFEST_FORMAT,
-        "source": {"kind": source.kind, "spec": source.spec, **fetched.info},
+        # Redacted: a signed URL's token must not land in a versioned file.
+        "source": redact_values({"kind": source.kind, "spec": source.spec, **fetched.info}),
         "params": params,
         "software": {"pillow": PIL.__version__},
         "counts": counts,

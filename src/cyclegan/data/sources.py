@@ -37,12 +37,13 @@ import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 from cyclegan.config import DataConfig
 from cyclegan.data import synthetic
 from cyclegan.data.images import sha256_file
 from cyclegan.errors import DataError
+from cyclegan.fsio import atomic_write
 from cyclegan.log import progress_enabled
 
 log = logging.getLogger("cyclegan.data")
@@ -82,6 +83,9 @@ KNOWN_DATASETS: dict[str, tuple[int, str]] = {
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 LAYOUT_SPLITS = ("trainA", "trainB", "testA", "testB", "testA_gt", "testB_gt")
+#: Where a project keeps its own datasets: dvc.yaml's ``prepare`` depends on this folder
+#: (relative to the project root), so DVC sees changes to the sources in it.
+TRACKED_SOURCES = Path("data/sources")
 CHUNK = 1 << 20
 HTTP_TIMEOUT_S = 60
 
@@ -128,9 +132,11 @@ def resolve(spec: str) -> Source:
         return Source("dataset", text)
     path = Path(text).expanduser()
     if path.is_dir():
+        _warn_if_dvc_blind(path)
         return Source("folder", text)
     if path.is_file():
         if is_archive_name(path.name):
+            _warn_if_dvc_blind(path)
             return Source("archive", text)
         raise DataError(
             f"data.source {text!r} is a file but not an archive",
@@ -138,10 +144,32 @@ def resolve(spec: str) -> Source:
         )
     if re.match(r"^[a-z]+://", text):
         raise DataError(f"data.source {text!r}: unsupported scheme", "use http(s):// or s3://")
+    if "/" in text or text.startswith(("~", ".")):
+        raise DataError(
+            f"data.source {text!r}: no such folder or archive",
+            "check the path, relative to the project root; a dataset versioned with DVC "
+            "arrives with `dvc pull`",
+        )
     raise DataError(
         f"data.source {text!r} is not a folder, an archive, a URL, s3:// or a known dataset",
         f"known datasets: synthetic, {', '.join(sorted(KNOWN_DATASETS))}",
     )
+
+
+def _warn_if_dvc_blind(path: Path) -> None:
+    """Under ``dvc repro`` (DVC sets DVC_STAGE and DVC_ROOT), a local source outside
+    :data:`TRACKED_SOURCES` is no dependency of the stage: changes to it would go unseen."""
+    root = os.environ.get("DVC_ROOT")
+    if not os.environ.get("DVC_STAGE") or not root:
+        return
+    tracked = (Path(root) / TRACKED_SOURCES).resolve()
+    if not path.resolve().is_relative_to(tracked):
+        log.warning(
+            "data.source %s is outside %s/, so dvc status and dvc repro do not see changes "
+            "to it; move it there and `dvc add` it (docs/data.md)",
+            path,
+            TRACKED_SOURCES,
+        )
 
 
 def fetch(source: Source, cfg: DataConfig, raw: Path, map_fn: MapFn | None = None) -> Fetched:
@@ -165,7 +193,13 @@ def fetch(source: Source, cfg: DataConfig, raw: Path, map_fn: MapFn | None = Non
         size, digest = KNOWN_DATASETS[source.spec]
         base = os.environ.get(DATASETS_URL_ENV, DATASETS_URL).rstrip("/")
         url = f"{base}/{source.spec}.zip"
-        archive = download(url, raw / "downloads" / f"{source.spec}.zip", size=size, sha256=digest)
+        archive = download(
+            url,
+            raw / "downloads" / f"{source.spec}.zip",
+            size=size,
+            sha256=digest,
+            limit=cfg.max_archive_bytes,
+        )
         out = extract_cached(archive, raw / "extracted" / source.spec, digest, cfg)
         return Fetched(find_layout_root(out), {"url": url, "sha256": digest, "size": size})
     if source.kind == "url":
@@ -173,7 +207,13 @@ def fetch(source: Source, cfg: DataConfig, raw: Path, map_fn: MapFn | None = Non
         expected = cfg.sha256.lower() if cfg.sha256 else None
         if expected is None:
             log.warning("no data.sha256 for %s: its integrity is not verified", source.spec)
-        archive = download(source.spec, raw / "downloads" / name, size=None, sha256=expected)
+        archive = download(
+            source.spec,
+            raw / "downloads" / name,
+            size=None,
+            sha256=expected,
+            limit=cfg.max_archive_bytes,
+        )
         digest = expected or sha256_file(archive)
         out = extract_cached(archive, raw / "extracted" / _archive_stem(name), digest, cfg)
         return Fetched(find_layout_root(out), {"url": source.spec, "sha256": digest})
@@ -243,26 +283,43 @@ def _checksum_error(name: str, expected: str, got: str, *, deleted: bool) -> Dat
     )
 
 
+def _sidecar(path: Path) -> Path:
+    """``NAME.sha256``: the digest of a download that had no published one, recorded when it
+    completed, so reusing it later still checks it is the same complete file."""
+    return path.with_name(path.name + ".sha256")
+
+
 def _verified(path: Path, size: int | None, sha256: str | None) -> bool:
     if not path.is_file():
         return False
     if size is not None and path.stat().st_size != size:
         return False
-    return sha256 is None or sha256_file(path) == sha256
+    if sha256 is None:
+        recorded = _sidecar(path)
+        if not recorded.is_file():
+            return False  # never known complete (e.g. an older, interrupted download)
+        sha256 = recorded.read_text().strip()
+    return sha256_file(path) == sha256
 
 
-def download(url: str, dest: Path, *, size: int | None, sha256: str | None) -> Path:
+def download(
+    url: str, dest: Path, *, size: int | None, sha256: str | None, limit: int | None = None
+) -> Path:
     """Download ``url`` to ``dest`` unless a verified copy is already there.
 
     Bytes go to ``dest.part``; only a complete file whose size (and sha256, when known)
     match is renamed to ``dest``. A short ``.part`` is resumed with an HTTP Range request;
-    a wrong one is deleted."""
+    a wrong one is deleted. ``limit`` bounds the bytes accepted whether or not the server
+    sends a Content-Length (``data.max_archive_bytes``)."""
+    if size is not None and limit is not None and size > limit:
+        raise _too_large(url, size, limit)
     if _verified(dest, size, sha256):
         log.info("using the verified download %s", dest)
         return dest
     if dest.exists():
         log.warning("%s does not match its expected size/sha256; downloading it again", dest)
         dest.unlink()
+        _sidecar(dest).unlink(missing_ok=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     offset = part.stat().st_size if part.is_file() else 0
@@ -270,7 +327,7 @@ def download(url: str, dest: Path, *, size: int | None, sha256: str | None) -> P
         part.unlink()
         offset = 0
     if size is None or offset < size:
-        _http_fetch(url, part, offset, size)
+        _http_fetch(url, part, offset, size, limit)
     got_size = part.stat().st_size
     if size is not None and got_size != size:
         # Short: keep the .part so the next run resumes; it is never renamed to dest.
@@ -278,17 +335,27 @@ def download(url: str, dest: Path, *, size: int | None, sha256: str | None) -> P
             f"download of {url} is incomplete ({got_size} of {size} bytes)",
             "run prepare again to resume it",
         )
-    if sha256 is not None:
-        got = sha256_file(part)
-        if got != sha256:
-            part.unlink()
-            raise _checksum_error(dest.name, sha256, got, deleted=True)
+    got = sha256_file(part)
+    if sha256 is not None and got != sha256:
+        part.unlink()
+        raise _checksum_error(dest.name, sha256, got, deleted=True)
+    if sha256 is None:
+        atomic_write(_sidecar(dest), got + "\n")
     part.replace(dest)
     log.info("downloaded %s (%d bytes)", dest, got_size)
     return dest
 
 
-def _http_fetch(url: str, part: Path, offset: int, size: int | None) -> None:
+def _too_large(url: str, size: int, limit: int) -> DataError:
+    return DataError(
+        f"{url} is larger than data.max_archive_bytes={limit} ({size} bytes or more)",
+        "raise data.max_archive_bytes if the source is trusted",
+    )
+
+
+def _http_fetch(
+    url: str, part: Path, offset: int, size: int | None, limit: int | None = None
+) -> None:
     headers = {"User-Agent": "cyclegan-pipeline"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
@@ -298,7 +365,7 @@ def _http_fetch(url: str, part: Path, offset: int, size: int | None) -> None:
     except urllib.error.HTTPError as e:
         if e.code == 416 and offset:  # our .part is no prefix the server knows: restart
             part.unlink()
-            return _http_fetch(url, part, 0, size)
+            return _http_fetch(url, part, 0, size, limit)
         raise DataError(f"download of {url} failed: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
@@ -310,10 +377,15 @@ def _http_fetch(url: str, part: Path, offset: int, size: int | None) -> None:
             offset = 0
         length = resp.headers.get("Content-Length")
         total = size if size is not None else (offset + int(length) if length else None)
+        if limit is not None and total is not None and total > limit:
+            raise _too_large(url, total, limit)
         log.info("downloading %s%s", url, f" (from byte {offset})" if resumed else "")
         try:
             with open(part, "ab" if resumed else "wb") as fh:
-                _copy_stream(resp, fh, offset, total, part.name)
+                _copy_stream(resp, fh, offset, total, part.name, limit)
+        except _LimitExceeded as e:
+            part.unlink(missing_ok=True)  # never kept, never resumed, never "verified"
+            raise _too_large(url, e.done, limit or 0) from None
         except (OSError, urllib.error.URLError) as e:
             raise DataError(
                 f"download of {url} was interrupted: {e}", "run prepare again to resume it"
@@ -326,7 +398,14 @@ def _http_fetch(url: str, part: Path, offset: int, size: int | None) -> None:
     return None
 
 
-def _copy_stream(src: BinaryIO, dst: BinaryIO, done: int, total: int | None, name: str) -> None:
+class _LimitExceeded(Exception):
+    def __init__(self, done: int) -> None:
+        self.done = done
+
+
+def _copy_stream(
+    src: BinaryIO, dst: BinaryIO, done: int, total: int | None, name: str, limit: int | None = None
+) -> None:
     bar = None
     if progress_enabled():
         from tqdm import tqdm
@@ -337,6 +416,8 @@ def _copy_stream(src: BinaryIO, dst: BinaryIO, done: int, total: int | None, nam
         while block := src.read(CHUNK):
             dst.write(block)
             done += len(block)
+            if limit is not None and done > limit:
+                raise _LimitExceeded(done)
             if total is not None and done > total:
                 raise OSError(f"server sent more than the expected {total} bytes")
             if bar is not None:
@@ -478,7 +559,7 @@ def _write_members(
     archive: Path,
     tmp: Path,
     members: list[_Member],
-    opener: Callable[[Any], BinaryIO | None],
+    opener: Callable[[Any], IO[bytes] | None],
     max_bytes: int,
 ) -> None:
     tmp.mkdir(parents=True)
@@ -646,6 +727,8 @@ def _fetch_s3_archive(
     dest = raw / "downloads" / name
     head = client.head_object(Bucket=bucket, Key=key)
     size = int(head["ContentLength"])
+    if size > cfg.max_archive_bytes:
+        raise _too_large(uri, size, cfg.max_archive_bytes)
     expected = cfg.sha256.lower() if cfg.sha256 else None
     if not _verified(dest, size, expected):
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -654,9 +737,12 @@ def _fetch_s3_archive(
         if part.stat().st_size != size:
             part.unlink()
             raise DataError(f"download of {uri} is incomplete", "run prepare again")
-        if expected is not None and (got := sha256_file(part)) != expected:
+        got = sha256_file(part)
+        if expected is not None and got != expected:
             part.unlink()
             raise _checksum_error(name, expected, got, deleted=True)
+        if expected is None:
+            atomic_write(_sidecar(dest), got + "\n")
         part.replace(dest)
     digest = expected or sha256_file(dest)
     out = extract_cached(dest, raw / "extracted" / _archive_stem(name), digest, cfg)

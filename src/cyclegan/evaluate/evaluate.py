@@ -8,8 +8,14 @@ Reads the model folder (``G_A`` = A->B, ``G_B`` = B->A) and ``testA/``, ``testB/
   truth, ``psnr_A2B``, ``ssim_A2B``, ``psnr_B2A``, ``ssim_B2A``; and baselines that make those
   readable (see :func:`compute_metrics`).
 - ``metrics/eval_details.json``: what the numbers depend on (the Inception weights' sha256,
-  KID settings, device, MLflow run).
+  KID settings, device, MLflow run) and how many images were embedded or read from the
+  feature cache.
 - ``plots/eval_samples.png``: input | translation | ground truth, per direction.
+
+Every distinct image is embedded once per run, whatever roles it plays (testA is both an input
+and a target). The real images' features are kept in ``paths.cache / "fid"`` across runs
+(``evaluate.feature_cache``), so re-evaluating a retrained model embeds only its translations
+(see :mod:`cyclegan.evaluate.feature_cache`).
 
 Then logs the metrics, the weights' hash (tag ``fid_weights_sha256``) and those files into
 the training's MLflow run (``run.json`` in the model folder). MLflow trouble after the files
@@ -18,10 +24,8 @@ are written only warns: the metrics are never lost to a tracking failure.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,17 +39,21 @@ from cyclegan import tracking
 from cyclegan.config import Config
 from cyclegan.data.dataset import list_images, load_rgb
 from cyclegan.errors import DataError
+from cyclegan.evaluate.feature_cache import FeatureCache, collect_features
 from cyclegan.evaluate.fid import fid_from_features, kernel_inception_distance
-from cyclegan.evaluate.inception import FIDInception
+from cyclegan.evaluate.inception import FEATURE_DIM, PREPROCESSING, FIDInception
 from cyclegan.evaluate.metrics import PSNR_CAP_DB, mean_psnr_ssim
+from cyclegan.fsio import write_json
+from cyclegan.hardware import apply_threads, resolve_device
 from cyclegan.log import progress_enabled
 from cyclegan.models.io import load_generator, read_model_json
 from cyclegan.paths import Paths
-from cyclegan.translate import resolve_device, translate_arrays
+from cyclegan.translate import translate_arrays
 
 log = logging.getLogger("cyclegan.evaluate")
 
 EVAL_FILE = "eval.json"
+FEATURE_CACHE_DIR = "fid"  # under Paths.cache
 DETAILS_FILE = "eval_details.json"
 SAMPLES_FILE = "eval_samples.png"
 KID_SEED = 0
@@ -139,7 +147,8 @@ def compute_metrics(
     feats: dict[int, np.ndarray] = {}
 
     def f(images: list[np.ndarray]) -> np.ndarray:
-        # Each image set is embedded once, even when it serves several metrics.
+        # Each list is asked for once, even when it serves several metrics (``evaluate``
+        # passes a lookup by content, so equal images in other lists are not embedded again).
         if id(images) not in feats:
             feats[id(images)] = features(images)
         return feats[id(images)]
@@ -198,13 +207,6 @@ def sample_grid(sections: dict[str, list[list[np.ndarray]]], cell: int = 128) ->
     return grid
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def evaluate(cfg: Config, paths: Paths) -> dict[str, float | int]:
     """Run the stage (see the module docstring); returns the contents of ``eval.json``."""
     ecfg = cfg.evaluate
@@ -212,6 +214,9 @@ def evaluate(cfg: Config, paths: Paths) -> dict[str, float | int]:
     t0 = time.perf_counter()
     # Weights first: a missing Inception should fail before minutes of translation.
     inception = FIDInception.load(ecfg.fid_weights, str(device))
+    # The CPUs this process may use (affinity, cgroup quota), not the load of the moment:
+    # the numbers must be the same whatever else the machine is doing.
+    apply_threads(ecfg.num_threads, load_aware=False)
     meta = read_model_json(paths.model)
     splits = {
         "A2B": load_split(paths.prepared, "A", "B", ecfg.max_images),
@@ -224,21 +229,42 @@ def evaluate(cfg: Config, paths: Paths) -> dict[str, float | int]:
         del net
     t_translate = time.perf_counter() - t0
 
-    n_images = sum(
-        2 * len(s.inputs) + len(s.targets) + (len(s.inputs) if s.ground_truth else 0)
-        for s in splits.values()
-    )
-    progress = _Progress(n_images, "FID Inception")
     t1 = time.perf_counter()
-    metrics = compute_metrics(
-        splits,
-        translations,
-        lambda imgs: inception.features(imgs, ecfg.batch_size, progress),
-        ecfg.kid_subsets,
-        ecfg.kid_subset_size,
+    cache = (
+        FeatureCache(paths.cache / FEATURE_CACHE_DIR, inception.feature_context, FEATURE_DIM)
+        if ecfg.feature_cache
+        else None
     )
-    progress.close()
-    t_score = time.perf_counter() - t1
+    # Real images (cacheable: they do not depend on the model), then the translations.
+    sets = [(imgs, True) for s in splits.values() for imgs in (s.inputs, s.targets)]
+    sets += [(s.ground_truth, True) for s in splits.values() if s.ground_truth is not None]
+    sets += [(imgs, False) for imgs in translations.values()]
+
+    t_network = 0.0
+
+    def embed(images: list[np.ndarray]) -> np.ndarray:
+        nonlocal t_network
+        progress = _Progress(len(images), "FID Inception")
+        t = time.perf_counter()
+        try:
+            return inception.features(images, ecfg.batch_size, progress)
+        finally:
+            t_network = time.perf_counter() - t
+            progress.close()
+
+    table, counts = collect_features(sets, embed, cache)
+    t_embed = time.perf_counter() - t1
+    img_per_s = counts.embedded / t_network if counts.embedded and t_network > 0 else None
+    log.info(
+        "FID Inception: embedded %d images%s, %d from the feature cache%s",
+        counts.embedded,
+        f" ({img_per_s:.1f} img/s)" if img_per_s else "",
+        counts.from_cache,
+        f" ({cache.folder})" if cache else " (evaluate.feature_cache is off)",
+    )
+    t2 = time.perf_counter()
+    metrics = compute_metrics(splits, translations, table, ecfg.kid_subsets, ecfg.kid_subset_size)
+    t_score = time.perf_counter() - t2
     for k, v in metrics.items():
         if isinstance(v, float) and not math.isfinite(v):
             raise ValueError(f"metric {k} is {v}")  # a bug: every metric here is finite
@@ -246,9 +272,8 @@ def evaluate(cfg: Config, paths: Paths) -> dict[str, float | int]:
     paths.metrics.mkdir(parents=True, exist_ok=True)
     paths.plots.mkdir(parents=True, exist_ok=True)
     eval_file = paths.metrics / EVAL_FILE
-    details_file = paths.metrics / DETAILS_FILE
     samples_file = paths.plots / SAMPLES_FILE
-    _write_json(eval_file, metrics)
+    write_json(eval_file, metrics)
     n = ecfg.num_samples
     sections = {}
     for d, split in splits.items():
@@ -265,7 +290,7 @@ def evaluate(cfg: Config, paths: Paths) -> dict[str, float | int]:
     details: dict[str, Any] = {
         "fid_weights_sha256": inception.weights.sha256,
         "fid_weights_source": inception.weights.source,
-        "fid_preprocessing": "uint8, TF1 bilinear resize to 299 (no antialias), (x-128)/128",
+        "fid_preprocessing": PREPROCESSING,
         "kid": {
             "subsets": ecfg.kid_subsets,
             "subset_size": {
@@ -277,16 +302,23 @@ def evaluate(cfg: Config, paths: Paths) -> dict[str, float | int]:
         "psnr_cap_db": PSNR_CAP_DB,
         "ground_truth": {d: s.ground_truth is not None for d, s in splits.items()},
         "device": str(device),
-        "seconds": {"translate": round(t_translate, 2), "inception": round(t_score, 2)},
-        "inception_img_per_s": round(n_images / t_score, 2) if t_score > 0 else None,
+        "seconds": {
+            "translate": round(t_translate, 2),
+            "inception": round(t_embed, 2),
+            "metrics": round(t_score, 2),
+        },
+        # Images that went through the network in this run, over the network's time alone.
+        "inception_img_per_s": round(img_per_s, 2) if img_per_s else None,
+        "inception_images": {
+            "distinct": counts.distinct,
+            "embedded": counts.embedded,
+            "from_cache": counts.from_cache,
+        },
+        "feature_cache": str(cache.folder) if cache else None,
         "model_dir": str(paths.model),
         "prepared": str(paths.prepared),
     }
-    run_id = log_to_mlflow(cfg, paths, metrics, details, [eval_file, samples_file], meta)
-    details["mlflow_run_id"] = run_id
-    _write_json(details_file, details)
-    if run_id:
-        _upload(cfg, run_id, [details_file])
+    log_to_mlflow(cfg, paths, metrics, details, [eval_file, samples_file], meta)
     log.info(
         "fid_A2B %.2f (untranslated %.2f), fid_B2A %.2f; %d + %d images",
         metrics["fid_A2B"],
@@ -313,31 +345,6 @@ def _final_step(meta: dict[str, Any]) -> int:
     return 0
 
 
-def _open_run(c: Any, cfg: Config, paths: Paths) -> tuple[str, bool]:
-    """The training run from run.json; a new run (and a warning) if there is none."""
-    info = tracking.read_run_file(paths.run_file)
-    if info and info.get("run_id"):
-        try:
-            run = c.get_run(info["run_id"])
-            if run.info.lifecycle_stage != "deleted":
-                return info["run_id"], False
-            log.warning("run %s from %s is deleted", info["run_id"], paths.run_file)
-        except Exception:
-            log.warning(
-                "run %s from %s is not in this MLflow store (%s)",
-                info["run_id"],
-                paths.run_file,
-                tracking.redact_uri(tracking.tracking_uri(cfg.mlflow)),
-            )
-    else:
-        log.warning("no %s: the evaluation is logged to a new MLflow run", paths.run_file)
-    exp_id = tracking.get_or_create_experiment(c, cfg.mlflow.experiment)
-    tags = {**tracking.provenance_tags(paths.prepared), "cyclegan.stage": "evaluate"}
-    run = c.create_run(exp_id, tags=tags, run_name="evaluate")
-    log.warning("opened MLflow run %s for the evaluation", run.info.run_id)
-    return run.info.run_id, True
-
-
 def log_to_mlflow(
     cfg: Config,
     paths: Paths,
@@ -346,40 +353,45 @@ def log_to_mlflow(
     files: list[Path],
     meta: dict[str, Any],
 ) -> str | None:
-    """Log into the training's run; returns the run id, or None (with a warning) on failure."""
-    from mlflow.entities import Metric, RunTag
+    """Write eval_details.json (with the run id) and log the metrics, the Inception weights'
+    hash and ``files`` into the training's run. The files are written first, so nothing is
+    lost to MLflow trouble: an unreachable server keeps the records in the project's spool
+    (sent by the next command), with a warning. Returns the run id (None if none is known)."""
+    from cyclegan.spool import Spool
 
-    uri = tracking.tracking_uri(cfg.mlflow)
-    try:
-        tracking.ensure_reachable(uri, timeout=5)
+    uri = tracking.use(cfg.mlflow)
+    details_file = paths.metrics / DETAILS_FILE
+    c, created = None, False
+    run_id = (tracking.read_run_file(paths.run_file) or {}).get("run_id")
+    if tracking.is_reachable(uri, timeout=5):
         c = tracking.client(uri)
-        run_id, created = _open_run(c, cfg, paths)
-        ts, step = int(time.time() * 1000), _final_step(meta)
-        batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
-        tags = [
-            RunTag("fid_weights_sha256", details["fid_weights_sha256"]),
-            RunTag("fid_weights_source", details["fid_weights_source"]),
-        ]
-        tracking.with_retry(
-            lambda: c.log_batch(run_id, metrics=batch, tags=tags), "log evaluation metrics"
-        )
-    except Exception as e:
+        run_id, created = tracking.stage_run(c, cfg, paths, "evaluation")
+    details["mlflow_run_id"] = run_id
+    write_json(details_file, details)
+    if not run_id:
         log.warning(
-            "evaluation metrics were written to %s but not logged to MLflow at %s (%s)",
-            paths.metrics,
+            "MLflow at %s is unreachable and no training run is known: the evaluation is in "
+            "%s only",
             tracking.redact_uri(uri),
-            str(e).splitlines()[0][:300] if str(e) else type(e).__name__,
+            paths.metrics,
         )
         return None
-    _upload(cfg, run_id, files)
-    if created:
-        try:
+    ts, step = int(time.time() * 1000), _final_step(meta)
+    spool = Spool(paths.spool, run_id, uri)
+    sent = tracking.log_or_spool(
+        c,
+        run_id,
+        spool,
+        metrics=[(k, float(v), ts, step) for k, v in metrics.items()],
+        tags={
+            "fid_weights_sha256": details["fid_weights_sha256"],
+            "fid_weights_source": details["fid_weights_source"],
+        },
+        files=[(f, "evaluation") for f in (*files, details_file)],
+    )
+    if created and c is not None:
+        if sent:
             c.set_terminated(run_id)
-        except Exception as e:
-            log.warning("could not close MLflow run %s (%s)", run_id, e)
+        else:
+            spool.terminate("FINISHED")
     return run_id
-
-
-def _upload(cfg: Config, run_id: str, files: list[Path]) -> None:
-    c = tracking.client(tracking.tracking_uri(cfg.mlflow))
-    tracking.log_artifacts_safely(c, run_id, [(f, "evaluation") for f in files])

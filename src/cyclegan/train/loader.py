@@ -42,7 +42,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
     """This rank's share of an epoch in shuffled order, starting ``skip`` items in."""
 
     def __init__(self, dataset: UnpairedDataset, dist: DistInfo, seed: int) -> None:
-        self.inner = DistributedSampler(
+        self.inner: DistributedSampler[Any] = DistributedSampler(
             dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed
         )
         self.epoch = 0
