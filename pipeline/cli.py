@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,8 +34,8 @@ def compile_pipeline(output: Path, image: str | None = None) -> Path:
     ``image`` (default: ``$CYCLEGAN_IMAGE`` or the placeholder in :mod:`components`)."""
     from kfp import compiler
 
-    from components import IMAGE
-    from pipeline.pipeline import cyclegan_pipeline
+    from cyclegan_kfp.components import IMAGE
+    from cyclegan_kfp.pipeline import cyclegan_pipeline
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -74,39 +75,93 @@ def local_tracking_uri(cfg: Config, base: Path | None = None) -> str:
     return uri
 
 
-def run_local(cfg: Config, workdir: Path) -> Path:
+def check_variants(
+    variants: Any, params: str = "", overrides: Sequence[str] = ()
+) -> list[list[str]]:
+    """The ``variants`` pipeline parameter, checked before anything runs: a non-empty list of
+    override lists, each of which makes valid parameters together with ``params`` and
+    ``overrides``. A variant may also be given as one string of space-separated overrides."""
+    from cyclegan.config import config_from_yaml
+
+    if not isinstance(variants, list) or not variants:
+        raise ConfigError(
+            "variants is empty: nothing would be trained",
+            'give at least one variant, e.g. [["train.lr=0.0001"], ["train.lr=0.0002"]], '
+            "or leave it out for one run",
+        )
+    out: list[list[str]] = []
+    for i, v in enumerate(variants, 1):
+        items = v.split() if isinstance(v, str) else v
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+            raise ConfigError(
+                f"variant {i} is {str(v)[:60]!r}, not a list of section.key=value strings",
+                'e.g. ["train.lr=0.0001", "train.lambda_A=5"]',
+            )
+        config_from_yaml(params, [*overrides, *items], flag=f"variant {i}")
+        out.append(items)
+    return out
+
+
+def run_local(cfg: Config, workdir: Path, variants: Sequence[Sequence[str]] | None = None) -> Path:
     """Run the whole pipeline on this machine (``kfp.local``, one subprocess per step) with
-    ``cfg``; artifacts go under ``workdir``, runs and the registered model to MLflow."""
+    ``cfg`` and the sweep ``variants`` (each a list of overrides; None: one run);
+    artifacts go under ``workdir``, runs and the registered model to MLflow."""
     from kfp import local
 
-    from pipeline.pipeline import build_pipeline
+    from cyclegan_kfp.pipeline import build_pipeline
+
+    params = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    sweep = check_variants([list(v) for v in variants] if variants else [[]], params)
 
     cyclegan_pipeline = build_pipeline(retries=0)  # a local failure does not pass by itself
     workdir = Path(workdir).resolve()
     root = workdir / "pipeline_root"
     root.mkdir(parents=True, exist_ok=True)
     uri = local_tracking_uri(cfg)
-    threshold = cfg.register.threshold
+    started = time.time()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
     log.info("running the pipeline locally; artifacts under %s, MLflow at %s", root, uri)
     try:
         cyclegan_pipeline(
-            params=yaml.safe_dump(cfg.to_dict(), sort_keys=False),
+            params=params,
             mlflow_tracking_uri=uri,
             num_nodes=1,
             gpus_per_node=0,  # train.nproc_per_node decides, as in `dvc repro`
-            fid_threshold=float(threshold) if threshold is not None else 1e9,
+            variants=sweep,
         )
     except RuntimeError as e:  # kfp.local's "finished with status FAILURE"
         raise CycleGANError(
             f"the local pipeline run failed: {_first_line(e)}",
             f"the failing step's log is above; its files are under {root}",
         ) from None
-    name = cfg.register.model_name
-    log.info(
-        "done: artifacts in %s; model models:/%s@%s in %s", root, name, cfg.register.alias, uri
-    )
+    log.info("done: artifacts in %s; %s", root, _registration_outcome(cfg, root, started, uri))
     return root
+
+
+def _registration_outcome(cfg: Config, root: Path, since: float, uri: str) -> str:
+    """What this run's register steps decided, from the register.json files they wrote (none:
+    the pipeline's gate kept them from running), and which version is the champion."""
+    from cyclegan.log import redact
+
+    written = sorted(
+        (p for p in root.rglob("register.json") if p.stat().st_mtime >= since),
+        key=lambda p: p.stat().st_mtime,
+    )
+    if not written:
+        return (
+            f"not registered: {cfg.register.metric} did not pass register.threshold, so no "
+            "register step ran"
+        )
+    results = [json.loads(p.read_text()) for p in written]
+    decisions = "; ".join(str(r.get("reason", r.get("decision"))) for r in results)
+    name, alias = cfg.register.model_name, cfg.register.alias
+    champions = [r for r in results if r.get("registered")]
+    if champions:
+        return (
+            f"models:/{name}@{alias} is version {champions[-1].get('version')} in "
+            f"{redact(uri)} ({decisions})"
+        )
+    return f"not registered: {decisions}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +172,7 @@ def run_local(cfg: Config, workdir: Path) -> Path:
 def pipeline_parameters() -> dict[str, str]:
     """The pipeline's parameters and their KFP types (``String``, ``Integer``, ``Float``,
     ``Boolean``, ``List``, ``Dict``)."""
-    from pipeline.pipeline import cyclegan_pipeline
+    from cyclegan_kfp.pipeline import cyclegan_pipeline
 
     return {name: spec.type for name, spec in cyclegan_pipeline.component_spec.inputs.items()}
 
@@ -149,36 +204,36 @@ def parse_arguments(items: Sequence[str], types: Mapping[str, str]) -> dict[str,
     return out
 
 
+_KFP_TYPES: dict[str, tuple[Any, str]] = {
+    "Integer": (int, "an integer"),
+    "Float": (float, "a number"),
+    "Boolean": (bool, "true or false"),
+    "List": (list, "a JSON list"),
+    "Dict": (dict, "a JSON object"),
+}
+
+
 def _convert(name: str, text: str, kind: str) -> Any:
-    try:
-        if kind == "String":
-            if text.startswith("@"):
-                return Path(text[1:]).read_text()
+    """``text`` as a value of the KFP parameter type ``kind``, by the params' own rules (the
+    text is YAML, of which JSON is a part; :func:`cyclegan.config.coerce` checks the type)."""
+    from cyclegan.config import coerce, parse_yaml
+
+    if kind == "String":
+        if not text.startswith("@"):
             return text
-        if kind == "Integer":
-            return int(text)
-        if kind == "Float":
-            return float(text)
-        if kind == "Boolean":
-            low = text.strip().lower()
-            if low not in ("true", "false"):
-                raise ValueError(text)
-            return low == "true"
-        value = json.loads(text)
-        if not isinstance(value, list if kind == "List" else dict):
-            raise ValueError(text)
-        return value
-    except OSError as e:
-        raise ConfigError(f"--arg {name}: cannot read {text[1:]!r} ({e.strerror})") from None
-    except ValueError:
-        what = {
-            "Integer": "an integer",
-            "Float": "a number",
-            "Boolean": "true or false",
-            "List": "a JSON list",
-            "Dict": "a JSON object",
-        }[kind]
+        try:
+            return Path(text[1:]).read_text()
+        except OSError as e:
+            raise ConfigError(f"--arg {name}: cannot read {text[1:]!r} ({e.strerror})") from None
+    tp, what = _KFP_TYPES[kind]
+    try:
+        value = parse_yaml(text, f"--arg {name}")
+    except ConfigError:
         raise ConfigError(f"--arg {name}={text!r}: expected {what}") from None
+    ok, value = (isinstance(value, tp), value) if tp in (list, dict) else coerce(tp, value)
+    if not ok:
+        raise ConfigError(f"--arg {name}={text!r}: expected {what}")
+    return value
 
 
 def resolve_token(token: str | None) -> str | None:
@@ -206,6 +261,10 @@ def submit(
     import kfp
 
     args = parse_arguments(arguments, pipeline_parameters())
+    if "variants" in args:
+        args["variants"] = check_variants(
+            args["variants"], args.get("params", ""), args.get("overrides", [])
+        )
     if int(args.get("num_nodes", 1)) > 1 and not args.get("pvc_name"):
         raise ConfigError(
             "num_nodes > 1 needs a shared volume",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,33 @@ def cyclegan_exe() -> str:
     exe = shutil.which("cyclegan", path=str(BIN))
     assert exe, "the cyclegan console script is not installed (pip install -e .)"
     return exe
+
+
+@pytest.fixture(name="one_thread")
+def one_thread_fixture() -> Iterator[None]:
+    """Single-threaded torch for the test (restored afterwards)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(name="workdir")
+def workdir_fixture(tmp_path: Path) -> Iterator[Path]:
+    """A tmp cwd holding a tiny prepared dataset at data/prepared."""
+    from tests.train_support import make_prepared
+
+    make_prepared(tmp_path / "data/prepared")
+    old = Path.cwd()
+    os.chdir(tmp_path)
+    try:
+        yield tmp_path
+    finally:
+        os.chdir(old)
 
 
 # Real servers on loopback (moto S3, mlflow server), shared by the integration tests.

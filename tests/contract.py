@@ -1,5 +1,6 @@
-"""The names of DESIGN.md's contract, written out once for the tests (deliberately not imported
-from the implementation, so a renamed metric fails a test)."""
+"""The names users and scripts rely on (docs/evaluation.md, docs/training.md), written out once
+for the tests (deliberately not imported from the implementation, so a renamed metric fails a
+test)."""
 
 TRAIN_METRICS = frozenset(
     {

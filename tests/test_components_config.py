@@ -8,10 +8,11 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from components import log_metrics, stage_config, train_argv, write_params
-from cyclegan.config import Config, load_config
+from cyclegan.config import Config, load_config, write_params
 from cyclegan.errors import ConfigError
 from cyclegan.paths import Paths
+from cyclegan.train.launch import rank_argv
+from cyclegan_kfp.components import log_metrics, stage_config
 
 
 @pytest.fixture(autouse=True)
@@ -58,13 +59,15 @@ def test_bad_parameters_fail_naming_the_key() -> None:
         stage_config("", ["train.lr=fast"])
     with pytest.raises(ConfigError, match="trian"):
         stage_config("trian:\n  lr: 0.1\n", [])
+    with pytest.raises(ConfigError, match="appears twice"):  # the same strict YAML as files
+        stage_config("train:\n  lr: 0.1\n  lr: 0.2\n", [])
 
 
 def test_written_params_and_argv_reproduce_the_config(tmp_path) -> None:
     cfg = stage_config("", ["train.lr=0.0005", "data.load_size=64", "train.crop_size=48"])
     path = write_params(cfg, tmp_path / "sub" / "params.yaml")
     assert load_config(path, required=True) == cfg
-    argv = train_argv(path, Paths(prepared=tmp_path / "p", model=tmp_path / "m"))
+    argv = rank_argv(path, Paths(prepared=tmp_path / "p", model=tmp_path / "m"))
     assert argv[:3] == ["train", "--params", str(path)]
     assert argv[argv.index("--model-dir") + 1] == str(tmp_path / "m")
     assert yaml.safe_load(path.read_text())["train"]["lr"] == 0.0005

@@ -3,23 +3,28 @@
 The Trainer's torch-distributed runtime runs the TrainJob's command on every node with
 ``PET_NNODES``, ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR`` and
 ``PET_MASTER_PORT`` set. Here two processes run the command of a real manifest
-(:func:`pipeline.trainjob.build_trainjob`) with that environment, rendezvous on 127.0.0.1 and
+(:func:`cyclegan_kfp.components.trainjob.build_trainjob`) with that environment, rendezvous on
+127.0.0.1 and
 train with gloo on the CPU, sharing one folder as the PVC would be shared. Both ranks must end
-with identical weights (each writes its digest through the trainer's test hook).
+with identical weights: torchrun starts each rank as tests/fault_entry.py, which writes its
+final weights' digest.
 """
 
 from __future__ import annotations
 
 import socket
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from components import train_argv, write_params
-from cyclegan.config import load_config
+from cyclegan.config import load_config, write_params
 from cyclegan.paths import Paths
-from pipeline.trainjob import TrainJobSpec, build_trainjob
+from cyclegan.train.launch import rank_argv
+from cyclegan_kfp.components.trainjob import TrainJobSpec, build_trainjob
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "data.synthetic.image_size=16",
     "data.synthetic.n_train_a=8",
@@ -64,7 +69,7 @@ def test_two_trainjob_nodes_end_with_identical_weights(tmp_path, cli_env) -> Non
         TrainJobSpec(
             name="cyclegan-test",
             image="unused",
-            command=["cyclegan", *train_argv(write_params(cfg, shared / "params.yaml"), paths)],
+            command=["cyclegan", *rank_argv(write_params(cfg, shared / "params.yaml"), paths)],
             num_nodes=2,
             gpus_per_node=0,
         )
@@ -83,15 +88,20 @@ def test_two_trainjob_nodes_end_with_identical_weights(tmp_path, cli_env) -> Non
             "PET_NODE_RANK": str(rank),
             "PET_MASTER_ADDR": "127.0.0.1",
             "PET_MASTER_PORT": str(port),
-            "CYCLEGAN_TEST_DIGEST_DIR": str(digests),
+            "FAULT_DIGEST_DIR": str(digests),
             "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(REPO),
         }
         logs.append(tmp_path / f"node{rank}.log")
         with logs[-1].open("w") as out:
+            # The node runs the TrainJob's command as the runtime would: `cyclegan train ...`
+            # under torchrun, which reads nodes and rendezvous from PET_*; the ranks run
+            # tests/fault_entry.py (that command line, plus the digest) to report their weights.
+            assert trainer["command"][0] == "cyclegan"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "-m", "tests.fault_entry",
+                   *trainer["command"][1:]]  # fmt: skip
             procs.append(
-                subprocess.Popen(
-                    trainer["command"], env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT
-                )
+                subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
             )
     try:
         codes = [proc.wait(timeout=240) for proc in procs]

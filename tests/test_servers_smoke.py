@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 def test_mlflow_server_stores_artifacts_in_s3(mlflow_server, tmp_path) -> None:
     from mlflow.tracking import MlflowClient
 
-    c = MlflowClient(tracking_uri=mlflow_server.uri)
+    c = MlflowClient(tracking_uri=mlflow_server.uri, registry_uri=mlflow_server.uri)
     exp = c.create_experiment("smoke")
     run = c.create_run(exp)
     f = tmp_path / "hello.txt"

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cyclegan.config import TrainConfig
 from cyclegan.train.step import CycleGAN, count_step_flops, train_step
-from tests.test_train_support import make_prepared, one_thread_fixture  # noqa: F401
+from tests.train_support import make_prepared
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -21,7 +21,8 @@ PAPER = TrainConfig(netG="resnet_9blocks", ngf=64, ndf=64, crop_size=256)
 
 
 def test_paper_step_costs_1_88_tflop_per_image() -> None:
-    # FACTS.md: one training step of the paper model at 256x256 is 1.88 TFLOP per image.
+    # One training step of the paper model at 256x256 is 1.88 TFLOP per image (measured on an
+    # H200 with the reference code and counted with FlopCounterMode: docs/training.md).
     assert count_step_flops(PAPER, 1, 256) == pytest.approx(1.88e12, rel=0.005)
     # Convolution cost scales with the area: 64x64 x 16 is within 1% (border effects).
     assert 16 * count_step_flops(PAPER, 1, 64) == pytest.approx(1.88e12, rel=0.01)

@@ -1,9 +1,10 @@
 """DDP on CPU: two gloo ranks under torchrun end with identical weights, rank 0 alone writes,
 and one failing rank brings the whole job down quickly.
 
-Test-only hooks (environment variables no user sets): ``CYCLEGAN_TEST_DIGEST_DIR`` makes every
-rank write the sha256 of its final weights; ``CYCLEGAN_TEST_FAIL_AT=RANK:STEP`` makes that rank
-raise after that step.
+Faults and observations come from outside the library: torchrun starts each rank as
+``tests/fault_entry.py`` (the real command line, with the step and the weights digest wrapped),
+which writes every rank's final digest (``FAULT_DIGEST_DIR``) or makes one rank fail at a step
+(``FAULT_FAIL_AT``).
 """
 
 from __future__ import annotations
@@ -14,22 +15,34 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
+from cyclegan.config import config_from_dict
 from cyclegan.train import checkpoint as ckpt
-from cyclegan.train.trainer import weights_digest
-from tests.test_train_support import TINY, make_prepared, run_cli, sets
+from cyclegan.train.step import CycleGAN
+from tests.train_support import TINY, make_prepared, run_cli, sets
 
-pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _torchrun(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 300):
+    """The ranks as torchrun starts them, each running tests/fault_entry.py."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "tests.fault_entry", *args]  # fmt: skip
+    env = {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _digest(state: dict) -> str:
+    """The weights digest of a checkpoint, as CycleGAN computes it for a live model."""
+    model = CycleGAN(config_from_dict(state["config"]).train)
+    model.load_state_dict(state["model"])
+    return model.weights_digest()
 
 
 def test_two_gloo_ranks_end_identical_and_rank0_alone_writes(tmp_path: Path, cli_env) -> None:
     make_prepared(tmp_path / "data/prepared")
     digests = tmp_path / "digests"
     digests.mkdir()
-    env = {**cli_env, "CYCLEGAN_TEST_DIGEST_DIR": str(digests)}
-    # `cyclegan train` starts torchrun itself for nproc_per_node > 1.
-    r = run_cli(["train", *sets(*TINY, "train.nproc_per_node=2")], tmp_path, env, timeout=300)
+    r = _torchrun(["train", *sets(*TINY)], tmp_path, {**cli_env, "FAULT_DIGEST_DIR": str(digests)})
     assert r.returncode == 0, r.stderr[-3000:]
 
     d0, d1 = ((digests / f"rank{i}.sha256").read_text() for i in (0, 1))
@@ -37,7 +50,7 @@ def test_two_gloo_ranks_end_identical_and_rank0_alone_writes(tmp_path: Path, cli
     # Rank 0's final checkpoint holds those weights, and the pools of both ranks.
     final = ckpt.list_checkpoints(tmp_path / "checkpoints")[-1]
     state = ckpt.load(final)
-    assert weights_digest(state["model"]["nets"]) == d0
+    assert _digest(state) == d0
     assert len(state["ranks"]) == 2 and state["settings"]["world_size"] == 2
     # 8 items over 2 ranks at batch 1: 4 steps per epoch, 2 images per step.
     metrics = json.loads((tmp_path / "metrics/train.json").read_text())
@@ -48,16 +61,24 @@ def test_two_gloo_ranks_end_identical_and_rank0_alone_writes(tmp_path: Path, cli
     assert r.stderr.count("MLflow run ") == 1
 
 
+def test_cyclegan_train_starts_the_ranks_itself(tmp_path: Path, cli_env) -> None:
+    """With train.nproc_per_node > 1 the plain command runs torchrun's agent and its ranks:
+    same result as torchrun by hand, one MLflow run, rank 0 alone speaks."""
+    make_prepared(tmp_path / "data/prepared")
+    r = run_cli(["train", *sets(*TINY, "train.nproc_per_node=2")], tmp_path, cli_env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = ckpt.load(ckpt.list_checkpoints(tmp_path / "checkpoints")[-1])
+    assert len(state["ranks"]) == 2 and state["settings"]["world_size"] == 2
+    assert r.stderr.count("MLflow run ") == 1 and "Traceback" not in r.stderr
+
+
 def test_a_failing_rank_stops_the_whole_job_within_a_minute(tmp_path: Path, cli_env) -> None:
     make_prepared(tmp_path / "data/prepared")
-    env = {**cli_env, "CYCLEGAN_TEST_FAIL_AT": "1:3", "OMP_NUM_THREADS": "1"}
     # Long enough that only the failure can end it early.
-    args = sets(*TINY, "train.epochs=500")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "cyclegan", "train", *args]  # fmt: skip
+    args = ["train", *sets(*TINY, "train.epochs=500")]
     start = time.monotonic()
-    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    r = _torchrun(args, tmp_path, {**cli_env, "FAULT_FAIL_AT": "1:3"}, timeout=120)
     elapsed = time.monotonic() - start
     assert r.returncode != 0
-    assert "test-injected failure on rank 1 at step 3" in r.stderr
+    assert "injected failure on rank 1 at step 3" in r.stderr
     assert elapsed < 60, f"took {elapsed:.0f}s"

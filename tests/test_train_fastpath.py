@@ -8,7 +8,6 @@ import torch
 
 from cyclegan.config import TrainConfig
 from cyclegan.train.step import CycleGAN, train_step
-from tests.test_train_support import one_thread_fixture  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

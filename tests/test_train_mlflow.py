@@ -11,15 +11,13 @@ import pytest
 from cyclegan.train.trainer import train
 from tests.contract import TRAIN_METRICS
 from tests.servers import MlflowServer, free_port
-from tests.test_train_support import (  # noqa: F401
+from tests.train_support import (
     TINY,
     make_prepared,
-    one_thread_fixture,
     paths_in,
     run_cli,
     sets,
     tiny_config,
-    workdir_fixture,
 )
 
 CONTRACT_METRICS = TRAIN_METRICS
@@ -40,7 +38,7 @@ def test_run_on_a_tracking_server_holds_metrics_params_tags_images_weights(
 
     run_file = json.loads(paths.run_file.read_text())
     assert run_file["tracking_uri"] == mlflow_server.uri
-    c = MlflowClient(tracking_uri=mlflow_server.uri)
+    c = MlflowClient(tracking_uri=mlflow_server.uri, registry_uri=mlflow_server.uri)
     run = c.get_run(run_file["run_id"])
     assert run.info.status == "FINISHED"
     assert c.get_experiment(run.info.experiment_id).name == "train-tests"

@@ -2,9 +2,9 @@
 that was never interrupted (all four networks, both optimizers), with a consistent loss CSV
 and the same MLflow run.
 
-The kill comes from the test-only hook ``CYCLEGAN_TEST_KILL_AT_STEP`` (the process SIGKILLs
-itself right after that step), so it always lands between two checkpoints, never racing a
-polling test against a fast run.
+The kill comes from outside the library: the killed run is ``tests/fault_entry.py`` (the real
+command line with the step wrapped), which SIGKILLs its own process right after step 15, so the
+kill always lands between two checkpoints, never racing a polling test against a fast run.
 """
 
 from __future__ import annotations
@@ -12,13 +12,15 @@ from __future__ import annotations
 import csv
 import json
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from cyclegan.train import checkpoint as ckpt
-from tests.test_train_support import TINY, make_prepared, run_cli, sets
+from tests.train_support import TINY, make_prepared, run_cli, sets
 
 pytestmark = pytest.mark.slow
 
@@ -65,8 +67,20 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path: Path, cli_env)
     r = run_cli(["train", *sets(*SETTINGS)], cwd=straight, env=cli_env)
     assert r.returncode == 0, r.stderr
 
-    kill_env = {**cli_env, "CYCLEGAN_TEST_KILL_AT_STEP": "15"}
-    r = run_cli(["train", *sets(*SETTINGS)], cwd=killed, env=kill_env)
+    kill_env = {
+        **cli_env,
+        "FAULT_KILL_AT_STEP": "15",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        "OMP_NUM_THREADS": "1",
+    }
+    r = subprocess.run(
+        [sys.executable, "-m", "tests.fault_entry", "train", *sets(*SETTINGS)],
+        cwd=killed,
+        env=kill_env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert r.returncode == -signal.SIGKILL, r.stderr
     saved = ckpt.list_checkpoints(killed / "checkpoints")
     assert saved[-1].name == "step_00000012.pt"  # mid-epoch: epoch 2, 4 of 8 batches done

@@ -20,19 +20,26 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from cyclegan.config import Config
 from cyclegan.data.dataset import list_images
-from cyclegan.errors import CheckpointError
+from cyclegan.errors import CheckpointError, CycleGANError
+from cyclegan.fsio import atomic_write
+from cyclegan.log import redact_values
+from cyclegan.train import distributed
+
+if TYPE_CHECKING:
+    from cyclegan.train.distributed import DistInfo
+    from cyclegan.train.step import CycleGAN
 
 log = logging.getLogger("cyclegan.train")
 
@@ -57,6 +64,105 @@ NOT_FINGERPRINTED = frozenset(
         "resume",
     }
 )
+
+
+class NonFiniteLossError(CycleGANError):
+    """A loss became NaN or infinite: training stopped, the last good checkpoint kept."""
+
+
+# ---------------------------------------------------------------------------------------------
+# What a checkpoint holds
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0  # 0-based epoch in progress
+    batches_done: int = 0  # batches of that epoch already trained (per rank)
+    train_seconds: float = 0.0  # time spent in the loop, all sessions together
+    history: list[list[float]] = field(default_factory=list)  # loss CSV rows
+    last: dict[str, float] = field(default_factory=dict)  # values at the last log point
+    steps_since_log: int = 0  # steps in the open loss window (a stop mid-window)
+
+
+@dataclass
+class Resumed:
+    """What a checkpoint gives back besides the model's own state."""
+
+    progress: Progress
+    rng: dict[str, Any]  # this rank's random states, set just before the first step
+    loss_sum: torch.Tensor | None  # this rank's open loss window (None in older checkpoints)
+    mlflow: dict[str, str]  # the run to continue
+    threads: int | None  # intra-op threads it was written with
+
+
+def restore(model: CycleGAN, state: dict[str, Any], rank: int) -> Resumed:
+    """Load ``state`` into ``model`` (networks, optimizers, schedulers, this rank's pools);
+    return the rest."""
+    model.load_state_dict(state["model"])
+    mine = state["ranks"][rank]
+    model.load_pool_state(mine["pools"])
+    return Resumed(
+        progress=Progress(**state["progress"]),
+        rng=mine["rng"],
+        loss_sum=mine.get("loss_sum"),
+        mlflow=dict(state.get("mlflow") or {}),
+        threads=state.get("threads"),
+    )
+
+
+def save_state(
+    folder: str | Path,
+    model: CycleGAN,
+    progress: Progress,
+    loss_sum: torch.Tensor,
+    dist: DistInfo,
+    *,
+    cfg: Config,
+    settings: dict[str, Any],
+    mlflow_ids: dict[str, str],
+    threads: int,
+) -> Path | None:
+    """Save the full training state at ``progress.step``: every rank contributes its pools,
+    RNG and open loss window; rank 0 writes the file and keeps the newest
+    ``train.keep_checkpoints``. Every rank must call it (it has collectives). NaN or inf in the
+    losses or weights is refused by all ranks together: the newest checkpoint stays good."""
+    ok = torch.isfinite(loss_sum).all().float() * float(model.weights_finite())
+    if distributed.all_reduce_mean(dist, ok.reshape(1)).item() < 1.0:
+        raise NonFiniteLossError(
+            f"NaN or inf in the losses or weights at step {progress.step}: training stopped; "
+            "the last good checkpoint is kept",
+            "lower train.lr, or use precision fp32",
+        )
+    per_rank = distributed.gather(
+        dist,
+        {
+            "pools": model.pool_state(),
+            "rng": rng_state(),
+            "loss_sum": loss_sum.detach().cpu().clone(),
+        },
+    )
+    if not dist.master_process:
+        return None
+    state = {
+        "format": FORMAT,
+        "fingerprint": fingerprint(settings),
+        "settings": settings,
+        "config": redact_values(cfg.to_dict()),  # data.source may be a signed URL
+        "model": model.state_dict(),
+        "ranks": per_rank,
+        "progress": asdict(progress),
+        "mlflow": dict(mlflow_ids),
+        # Exact resume needs the same intra-op thread count (float reduction order).
+        "threads": threads,
+    }
+    path = save(state, checkpoint_path(folder, progress.step))
+    prune(folder, cfg.train.keep_checkpoints)
+    log.debug("checkpoint %s", path)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,37 +231,10 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
 
 
 def save(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` to ``path`` atomically: a temp file in the same folder, fsync, rename.
-
-    A crash at any moment leaves either the previous file or the complete new one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform/filesystem.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """Write ``state`` to ``path`` atomically (:func:`cyclegan.fsio.atomic_write`): a crash
+    at any moment leaves either the previous file or the complete new one; a full disk is a
+    one-line error that keeps the previous checkpoints."""
+    return atomic_write(path, lambda fh: torch.save(state, fh))
 
 
 def prune(folder: str | Path, keep: int) -> None:

@@ -1,12 +1,15 @@
-"""What training leaves behind for people and for DVC: sample grids, the loss CSV, train.json."""
+"""What training leaves behind for people and for DVC: the log lines, sample grids, the loss
+CSV, train.json, the model folder, and what the MLflow run receives of them. Rank 0 alone
+calls :class:`RunOutputs`."""
 
 from __future__ import annotations
 
 import csv
 import io
-import json
-import os
+import logging
+import signal
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,19 +17,22 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cyclegan import tracking
+from cyclegan.config import Config
 from cyclegan.data.dataset import list_images, load_rgb, to_tensor
+from cyclegan.fsio import atomic_write, write_json
+from cyclegan.log import progress_enabled
+from cyclegan.models import GeneratorSpec, save_generators
+from cyclegan.paths import Paths
+from cyclegan.train import checkpoint as ckpt
+from cyclegan.train.checkpoint import Progress
 from cyclegan.train.step import LOSS_NAMES, CycleGAN
 
+log = logging.getLogger("cyclegan.train")
+
+SAMPLE_ROWS = 4
+
 CSV_COLUMNS = ("step", "epoch", *LOSS_NAMES, "lr", "img_per_s")
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file and rename (readers never see half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_loss_csv(path: str | Path, rows: Sequence[Sequence[float]]) -> None:
@@ -35,7 +41,7 @@ def write_loss_csv(path: str | Path, rows: Sequence[Sequence[float]]) -> None:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
     w.writerows(_fmt(r) for r in rows)
-    atomic_write_text(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def append_loss_row(path: str | Path, row: Sequence[float]) -> None:
@@ -46,11 +52,6 @@ def append_loss_row(path: str | Path, row: Sequence[float]) -> None:
 
 def _fmt(row: Sequence[float]) -> list[str]:
     return [str(int(row[0])), *(f"{v:.6g}" for v in row[1:])]
-
-
-def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    """Pretty, sorted JSON, written atomically."""
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,9 +106,135 @@ def translation_grid(model: CycleGAN, real_A: torch.Tensor, real_B: torch.Tensor
 
 def save_png(image: np.ndarray, path: str | Path) -> Path:
     """Write an HxWx3 uint8 array as PNG (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda fh: Image.fromarray(image).save(fh, format="PNG"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rank 0's outputs during and after training
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunOutputs:
+    """Everything rank 0 writes or shows, for one training run."""
+
+    cfg: Config
+    paths: Paths
+    steps_per_epoch: int
+    global_batch: int
+    target: int
+    world_size: int = 1
+    fingerprint: str = ""
+    tflop_per_step: float = 0.0  # all ranks together
+    peak_tflops: float | None = None  # all ranks together; None: MFU is not reported
+    run: tracking.TrainingRun | None = None
+    samples: tuple[torch.Tensor, ...] | None = None
+    bar: Any = None
+
+    def start(self, progress: Progress) -> None:
+        """Before the first step: the fixed sample images, the loss CSV so far, a progress
+        bar on a terminal."""
+        self.samples = sample_batch(self.paths.prepared, self.cfg.train.crop_size, SAMPLE_ROWS)
+        write_loss_csv(self.paths.plots / "train_loss.csv", progress.history)
+        if progress_enabled():
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=self.target, initial=progress.step, unit="step", dynamic_ncols=True
+            )
+
+    def step_done(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def log_point(self, progress: Progress, values: dict[str, float]) -> None:
+        """One log point: the CSV row, the MLflow metrics, the log line or the bar."""
+        epoch = progress.epoch + progress.batches_done / self.steps_per_epoch
+        row = [float(progress.step), epoch, *(values[k] for k in (*LOSS_NAMES, "lr", "img_per_s"))]
+        progress.history.append(row)
+        progress.last = dict(values)
+        append_loss_row(self.paths.plots / "train_loss.csv", row)
+        if self.run is not None:
+            self.run.logger.log_metrics(progress.step, values)
+        losses = {k.removeprefix("loss_"): v for k, v in values.items() if k.startswith("loss_")}
+        speed = f"{values['img_per_s']:.3g} img/s"
+        if "mfu" in values:
+            speed += f", MFU {values['mfu']:.1%}"
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items()}, refresh=False)
+            self.bar.set_description(speed, refresh=False)
+        else:
+            log.info(
+                "step %d/%s epoch %.2f  %s  lr %.3g  %s",
+                progress.step,
+                self.target,
+                epoch,
+                " ".join(f"{k} {v:.4g}" for k, v in losses.items()),
+                values["lr"],
+                speed,
+            )
+
+    def sample(self, model: CycleGAN, step: int) -> None:
+        """Write a translation grid; queue it for MLflow under samples/."""
+        if self.samples is None:
+            self.samples = sample_batch(self.paths.prepared, self.cfg.train.crop_size, SAMPLE_ROWS)
+        grid = translation_grid(model, *self.samples)
+        save_png(grid, self.paths.plots / "train_samples.png")
+        if self.run is not None:
+            tmp = save_png(grid, Path(self.run.tmpdir.name) / f"step_{step:08d}.png")
+            self.run.logger.log_artifacts([(tmp, "samples")], remove_after=True)
+
+    def stopped_message(self, signum: int, step: int) -> str:
+        where = ckpt.checkpoint_path(self.paths.checkpoints, step)
+        return (
+            f"stopped by {signal.Signals(signum).name} at step {step} of {self.target}; the "
+            f"full state is saved in {where}: run the same command to resume"
+        )
+
+    def summary(self, progress: Progress) -> dict[str, Any]:
+        """What metrics/train.json holds (numbers only, for ``dvc metrics``)."""
+        images = progress.step * self.global_batch
+        seconds = progress.train_seconds
+        out: dict[str, Any] = {
+            "steps": progress.step,
+            "target_steps": self.target,
+            "epochs": round(progress.step / self.steps_per_epoch, 4),
+            "images_seen": images,
+            "global_batch": self.global_batch,
+            "world_size": self.world_size,
+            "train_seconds": round(seconds, 2),
+            "img_per_s": round(images / seconds, 3) if seconds > 0 else 0.0,
+        }
+        if self.peak_tflops and seconds > 0:
+            out["mfu"] = round(progress.step * self.tflop_per_step / seconds / self.peak_tflops, 5)
+        out.update({k: v for k, v in progress.last.items() if k not in ("img_per_s", "mfu")})
+        return out
+
+    def write_final(self, model: CycleGAN, progress: Progress, mlflow_ids: dict[str, str]) -> None:
+        """The model folder, run.json, train.json, the loss CSV and the last sample grid; with
+        an open MLflow run, also the final grid and the model folder as artifacts."""
+        spec = GeneratorSpec.from_train_config(self.cfg.train)
+        extra = {
+            "train": self.cfg.to_dict()["train"],
+            "run_id": mlflow_ids.get("run_id"),
+            "step": progress.step,
+            "fingerprint": self.fingerprint,
+        }
+        save_generators(self.paths.model, model.nets["G_A"], model.nets["G_B"], spec, extra=extra)
+        if mlflow_ids.get("run_id"):
+            tracking.write_run_file(
+                self.paths.run_file,
+                mlflow_ids["run_id"],
+                mlflow_ids.get("experiment_id", ""),
+                mlflow_ids.get("tracking_uri", ""),
+            )
+        write_json(self.paths.metrics / "train.json", self.summary(progress))
+        write_loss_csv(self.paths.plots / "train_loss.csv", progress.history)
+        self.sample(model, progress.step)
+        if self.run is not None:
+            self.run.logger.log_artifacts([(self.paths.model, "model")])

@@ -1,4 +1,5 @@
-"""Shared helpers for the training tests (this module holds no tests).
+"""Shared helpers for the training tests (their fixtures, one_thread and workdir, are in
+conftest.py).
 
 Tiny settings keep every training run to seconds on 2 shared cores: 16x16 crops, 4-filter
 networks, a 2-layer PatchGAN, a dozen images. Torch runs single-threaded: on a loaded machine
@@ -7,14 +8,12 @@ OpenMP's spinning threads make two threads tens of times slower than one.
 
 from __future__ import annotations
 
-import os
+import shutil
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
 from PIL import Image
 
 from cyclegan.config import Config, load_config
@@ -84,24 +83,40 @@ def sets(*overrides: str) -> list[str]:
     return [x for o in overrides for x in ("--set", o)]
 
 
-@pytest.fixture(name="one_thread")
-def one_thread_fixture() -> Iterator[None]:
-    """Single-threaded torch for the test (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+# The whole pipeline at the smallest size that runs every step (kfp.local, containers).
+PIPELINE_TINY = {
+    "data": {
+        "load_size": 32,
+        "num_workers": 1,
+        "synthetic": {"image_size": 32, "n_train_a": 8, "n_train_b": 8, "n_test": 4},
+    },
+    "train": {
+        "epochs": 1,
+        "epochs_decay": 0,
+        "max_steps": 2,
+        "crop_size": 24,
+        "ngf": 4,
+        "ndf": 4,
+        "device": "cpu",
+        "log_every": 1,
+    },
+    "evaluate": {"device": "cpu", "batch_size": 8, "kid_subsets": 2, "num_samples": 2},
+    "register": {"onnx": False},  # attached ONNX files: tests/test_serving.py
+}
+
+REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(name="workdir")
-def workdir_fixture(tmp_path: Path) -> Iterator[Path]:
-    """A tmp cwd holding a tiny prepared dataset at data/prepared."""
-    make_prepared(tmp_path / "data/prepared")
-    old = Path.cwd()
-    os.chdir(tmp_path)
-    try:
-        yield tmp_path
-    finally:
-        os.chdir(old)
+def copy_project(work: Path) -> None:
+    """The project's files as a fresh clone has them, plus new ones git does not ignore."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    for rel in filter(None, listed):
+        if (REPO / rel).is_file():
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, work / rel)

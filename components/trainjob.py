@@ -364,7 +364,9 @@ def run_trainjob(
 ) -> dict[str, Any]:
     """Train on ``num_nodes`` x ``gpus_per_node`` through a TrainJob; copy the model, train.json
     and plots into ``outputs``; return train.json's content."""
-    from components import read_json, train_argv, write_params
+    from cyclegan.config import write_params
+    from cyclegan.train.launch import rank_argv
+    from cyclegan_kfp.components import read_json
 
     if not pvc_name or not shared.is_dir():
         raise TrainJobError(
@@ -387,7 +389,7 @@ def run_trainjob(
     spec = TrainJobSpec(
         name=trainjob_name(),
         image=image,
-        command=["cyclegan", *train_argv(params, staged)],
+        command=["cyclegan", *rank_argv(params, staged)],
         num_nodes=num_nodes,
         gpus_per_node=gpus_per_node,
         pvc_name=pvc_name,
