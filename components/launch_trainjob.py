@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
-from components import IMAGE
+from cyclegan_kfp.components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -19,6 +19,7 @@ def launch_trainjob(
     s3_secret: str,
     mlflow_secret: str,
     run_id: str,
+    variant: list,
     prepared: Input[Dataset],
     model: Output[Model],
     metrics: Output[Metrics],
@@ -29,11 +30,13 @@ def launch_trainjob(
     it fails. Outputs are the same as the single-node ``train`` component's."""
     from pathlib import Path
 
-    from components import log_metrics, out_dir, stage_config
     from cyclegan.paths import Paths
-    from pipeline.trainjob import run_trainjob
+    from cyclegan_kfp.components import log_metrics, out_dir, stage_config
+    from cyclegan_kfp.components.trainjob import run_trainjob
 
-    cfg = stage_config(params, overrides, {"mlflow.tracking_uri": mlflow_tracking_uri}, s3_endpoint)
+    cfg = stage_config(
+        params, overrides, {"mlflow.tracking_uri": mlflow_tracking_uri}, s3_endpoint, variant
+    )
     result = run_trainjob(
         cfg,
         prepared=Path(prepared.path),

@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Output
 
-from components import IMAGE
+from cyclegan_kfp.components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -20,9 +20,9 @@ def prepare(
     import tempfile
     from pathlib import Path
 
-    from components import out_dir, stage_config
     from cyclegan.data.prepare import prepare as prepare_data
     from cyclegan.paths import Paths
+    from cyclegan_kfp.components import out_dir, stage_config
 
     cfg = stage_config(params, overrides, {"data.source": data_source}, s3_endpoint)
     with tempfile.TemporaryDirectory(prefix="cyclegan-raw-") as raw:  # downloads, not kept

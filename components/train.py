@@ -1,9 +1,9 @@
 """Kubeflow component: train CycleGAN on one node (one process, or torchrun over its GPUs)."""
 
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
-from components import IMAGE
+from cyclegan_kfp.components import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -13,25 +13,35 @@ def train(
     mlflow_tracking_uri: str,
     s3_endpoint: str,
     gpus: int,
+    variant: list,
     prepared: Input[Dataset],
     model: Output[Model],
     metrics: Output[Metrics],
     plots: Output[Artifact],
+    summary: Output[Markdown],
 ) -> None:
-    """Train on ``prepared``; the generators go to ``model``, train.json to ``metrics``.
+    """Train on ``prepared``; the generators go to ``model``, train.json to ``metrics``, and
+    ``summary`` links the MLflow run.
 
-    Runs ``cyclegan train`` (the command ``dvc repro`` runs), which starts torchrun itself
-    when ``gpus`` > 1.
+    The same library call as ``cyclegan train`` (the command ``dvc repro`` runs): one process,
+    or DDP ranks over the pod's GPUs when ``gpus`` > 1.
     """
     import tempfile
     from pathlib import Path
 
-    from components import log_metrics, out_dir, read_json, stage_config, train_argv, write_params
-    from cyclegan.cli import main
+    from cyclegan import tracking
     from cyclegan.paths import Paths
+    from cyclegan.train import launch
+    from cyclegan_kfp.components import (
+        log_metrics,
+        markdown_table,
+        out_dir,
+        stage_config,
+        write_markdown,
+    )
 
     settings = {"mlflow.tracking_uri": mlflow_tracking_uri, "train.nproc_per_node": gpus or None}
-    cfg = stage_config(params, overrides, settings, s3_endpoint)
+    cfg = stage_config(params, overrides, settings, s3_endpoint, variant)
     with tempfile.TemporaryDirectory(prefix="cyclegan-train-") as tmp:
         paths = Paths(
             prepared=Path(prepared.path),
@@ -40,7 +50,12 @@ def train(
             metrics=out_dir(metrics),
             plots=out_dir(plots),
         )
-        code = main(train_argv(write_params(cfg, Path(tmp) / "params.yaml"), paths))
-    if code != 0:
-        raise RuntimeError(f"cyclegan train failed with exit code {code} (see the log above)")
-    log_metrics(metrics, read_json(paths.metrics / "train.json"))
+        result = launch.run(cfg, paths)
+    log_metrics(metrics, result)
+    run = tracking.read_run_file(paths.run_file) or {}
+    link = tracking.run_link(tracking.tracking_uri(cfg.mlflow), run)
+    write_markdown(
+        summary,
+        f"## Training\n\nVariant: `{' '.join(variant) or 'baseline'}`\n\n"
+        f"MLflow run: {link}\n\n{markdown_table(result)}\n",
+    )

@@ -1,5 +1,12 @@
 """The Kubeflow pipeline: prepare -> train (one node, or a TrainJob on several) -> evaluate ->
-register if the gating metric passes ``fid_threshold``.
+register if ``register.metric`` passes ``register.threshold`` (the library's gate, which the
+register step then completes by comparing with the champion).
+
+A sweep is the ``variants`` parameter: a list of override lists, e.g.
+``[["train.lr=0.0001"], ["train.lr=0.0002", "train.lambda_A=5"]]``. Data is prepared once;
+each variant is trained, evaluated and offered to the registry in turn (one at a time, so
+the champion alias moves only to a model better than the one before: the best of the sweep
+ends as champion). The default, ``[[]]``, is one run with no extra overrides.
 
 Evaluate and register appear once per training branch: ``kfp.local`` cannot pick an
 artifact out of alternative branches (``dsl.OneOf`` of artifacts), and the same graph must run
@@ -11,13 +18,13 @@ from kfp.dsl import PipelineTask
 from kfp.dsl.graph_component import GraphComponent
 from kfp.dsl.pipeline_channel import PipelineChannel
 
-from components import IMAGE
-from components.evaluate import evaluate
-from components.launch_trainjob import launch_trainjob
-from components.prepare import prepare
-from components.register import register
-from components.train import train
-from pipeline.trainjob import (
+from cyclegan_kfp.components import IMAGE
+from cyclegan_kfp.components.evaluate import evaluate
+from cyclegan_kfp.components.launch_trainjob import launch_trainjob
+from cyclegan_kfp.components.prepare import prepare
+from cyclegan_kfp.components.register import register
+from cyclegan_kfp.components.train import train
+from cyclegan_kfp.components.trainjob import (
     MLFLOW_SECRET_KEYS,
     S3_SECRET_KEYS,
     SHARED_MOUNT,
@@ -27,8 +34,6 @@ from pipeline.trainjob import (
 )
 
 PIPELINE_NAME = "cyclegan"
-NO_GATE = 1e9
-"""Default ``fid_threshold``: register whenever the library's champion check agrees."""
 
 
 def _credentials(task: PipelineTask, s3_secret: str, mlflow_secret: str) -> PipelineTask:
@@ -56,7 +61,6 @@ def _evaluate_and_register(
     model: PipelineChannel,
     prepared: PipelineChannel,
     common: dict,
-    fid_threshold: float,
     s3_secret: str,
     mlflow_secret: str,
     retries: int,
@@ -64,8 +68,9 @@ def _evaluate_and_register(
     evaluate_task = evaluate(prepared=prepared, model=model, **common)
     _credentials(_limits(evaluate_task, "4", "16Gi"), s3_secret, mlflow_secret)
     _retry(evaluate_task, retries)
-    # The library's own gate (better than the champion) still applies inside register.
-    with dsl.If(evaluate_task.outputs["Output"] < fid_threshold, name="metric-passes"):
+    # evaluate answers the library's threshold gate (1.0 = passes); register then applies the
+    # rest of the gate (better than the champion). One rule, in cyclegan.registry.
+    with dsl.If(evaluate_task.outputs["Output"] == 1.0, name="metric-passes"):
         register_task = register(
             model=model, eval_metrics=evaluate_task.outputs["metrics"], **common
         )
@@ -94,7 +99,7 @@ def build_pipeline(retries: int = 2) -> GraphComponent:
         num_nodes: int = 1,
         gpus_per_node: int = 1,
         pvc_name: str = "",
-        fid_threshold: float = NO_GATE,
+        variants: list = [[]],  # noqa: B006 - as above
     ) -> None:
         """Parameters:
 
@@ -109,7 +114,11 @@ def build_pipeline(retries: int = 2) -> GraphComponent:
         num_nodes: training nodes; > 1 runs a Kubeflow Trainer TrainJob and needs pvc_name.
         gpus_per_node: GPUs per training node (one DDP rank each; 0 = CPU).
         pvc_name: a ReadWriteMany PVC shared by the launcher and the TrainJob nodes.
-        fid_threshold: register only if evaluate's gating metric (register.metric) is below.
+        variants: a sweep, as a list of override lists (``[["train.lr=0.0001"], ...]``);
+            each is trained, evaluated and offered to the registry in turn. ``[[]]``: one run.
+
+        The registration gate is the params' ``register`` section (``metric``, ``threshold``,
+        ``greater_is_better``), e.g. ``--arg overrides=register.threshold=80``.
         """
         common = {
             "params": params,
@@ -124,51 +133,55 @@ def build_pipeline(retries: int = 2) -> GraphComponent:
         _retry(prepare_task, retries)
         prepared = prepare_task.outputs["prepared"]
 
-        with dsl.If(num_nodes > 1, name="multi-node"):
-            launch_task = launch_trainjob(
-                prepared=prepared,
-                image=image,
-                num_nodes=num_nodes,
-                gpus_per_node=gpus_per_node,
-                pvc_name=pvc_name,
-                s3_secret=s3_secret,
-                mlflow_secret=mlflow_secret,
-                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                **common,
-            )
-            _limits(launch_task, "2", "4Gi").set_caching_options(False)
-            kubernetes.mount_pvc(launch_task, pvc_name=pvc_name, mount_path=SHARED_MOUNT)
-            _evaluate_and_register(
-                launch_task.outputs["model"],
-                prepared,
-                common,
-                fid_threshold,
-                s3_secret,
-                mlflow_secret,
-                retries,
-            )
+        # One variant at a time (parallelism=1): each registration compares with the champion
+        # the one before left, so the sweep's best ends as champion.
+        with dsl.ParallelFor(variants, parallelism=1, name="variants") as variant:
+            per_variant = {**common, "variant": variant}
+            with dsl.If(num_nodes > 1, name="multi-node"):
+                launch_task = launch_trainjob(
+                    prepared=prepared,
+                    image=image,
+                    num_nodes=num_nodes,
+                    gpus_per_node=gpus_per_node,
+                    pvc_name=pvc_name,
+                    s3_secret=s3_secret,
+                    mlflow_secret=mlflow_secret,
+                    run_id=dsl.PIPELINE_TASK_ID_PLACEHOLDER,  # one staging folder per variant
+                    **per_variant,
+                )
+                _limits(launch_task, "2", "4Gi").set_caching_options(False)
+                kubernetes.mount_pvc(launch_task, pvc_name=pvc_name, mount_path=SHARED_MOUNT)
+                _evaluate_and_register(
+                    launch_task.outputs["model"],
+                    prepared,
+                    per_variant,
+                    s3_secret,
+                    mlflow_secret,
+                    retries,
+                )
 
-        with dsl.Else(name="single-node"):
-            train_task = train(prepared=prepared, gpus=gpus_per_node, **common)
-            _credentials(_limits(train_task, TRAIN_CPU, TRAIN_MEMORY), s3_secret, mlflow_secret)
-            train_task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus_per_node)
-            kubernetes.empty_dir_mount(
-                train_task,
-                volume_name="dshm",
-                mount_path="/dev/shm",
-                medium="Memory",
-                size_limit=SHM_SIZE,
-            )
-            train_task.set_caching_options(False)
-            _evaluate_and_register(
-                train_task.outputs["model"],
-                prepared,
-                common,
-                fid_threshold,
-                s3_secret,
-                mlflow_secret,
-                retries,
-            )
+            with dsl.Else(name="single-node"):
+                train_task = train(prepared=prepared, gpus=gpus_per_node, **per_variant)
+                _credentials(_limits(train_task, TRAIN_CPU, TRAIN_MEMORY), s3_secret, mlflow_secret)
+                train_task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(
+                    gpus_per_node
+                )
+                kubernetes.empty_dir_mount(
+                    train_task,
+                    volume_name="dshm",
+                    mount_path="/dev/shm",
+                    medium="Memory",
+                    size_limit=SHM_SIZE,
+                )
+                train_task.set_caching_options(False)
+                _evaluate_and_register(
+                    train_task.outputs["model"],
+                    prepared,
+                    per_variant,
+                    s3_secret,
+                    mlflow_secret,
+                    retries,
+                )
 
     return cyclegan_pipeline
 

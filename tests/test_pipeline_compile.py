@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.cli import compile_pipeline
+from cyclegan_kfp.cli import compile_pipeline
 
 STAGES = ("prepare", "train", "evaluate", "register")
 S3_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
@@ -50,6 +50,37 @@ def enclosing(spec: dict[str, Any], dag: str) -> tuple[str, dict[str, Any]]:
     raise KeyError(dag)
 
 
+def ancestors(spec: dict[str, Any], dag: str) -> list[tuple[str, dict[str, Any]]]:
+    """(DAG, task) from the task running ``dag`` up to the one in the root."""
+    chain = []
+    while dag != "root":
+        parent, task = enclosing(spec, dag)
+        chain.append((parent, task))
+        dag = parent
+    return chain
+
+
+def test_sweep_variants_run_one_at_a_time_around_training(compiled) -> None:
+    """Every variant trains, evaluates and registers in turn: one loop over the ``variants``
+    parameter, sequential, so each registration compares with the champion before it."""
+    spec, _ = compiled
+    all_tasks = tasks(spec)
+    loops = {
+        id(task): task
+        for trainer in ("train", "launch-trainjob")
+        for _, task in ancestors(spec, all_tasks[trainer][0])
+        if "parameterIterator" in task
+    }
+    (loop,) = loops.values()
+    assert loop["iteratorPolicy"]["parallelismLimit"] == 1
+    assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--variants"
+    default = spec["root"]["inputDefinitions"]["parameters"]["variants"]["defaultValue"]
+    assert default == [[]]  # one run, no extra overrides
+    for name in ("train", "evaluate-2", "register-2", "launch-trainjob", "evaluate", "register"):
+        variant = all_tasks[name][1]["inputs"]["parameters"]["variant"]
+        assert variant["componentInputParameter"].startswith("pipelinechannel--variants-loop-")
+
+
 def test_compile_command_writes_the_pipeline(cyclegan_exe, tmp_path, cli_env) -> None:
     out = tmp_path / "p.yaml"
     r = subprocess.run(
@@ -75,10 +106,12 @@ def test_four_stages_in_order_on_both_training_paths(compiled) -> None:
         ("launch-trainjob", "evaluate", "register"),
     ):
         dag, t = all_tasks[trainer]
-        # train runs after prepare: its branch depends on prepare, and it reads prepare's data.
-        parent, _ = enclosing(spec, dag)
-        _, group = enclosing(spec, parent)
-        assert "prepare" in group["dependentTasks"]
+        # train runs after prepare: the sweep's loop around it depends on prepare, and it reads
+        # prepare's data.
+        chain = ancestors(spec, dag)
+        assert [name for name, _ in chain][-1] == "root"
+        loop = next(task for name, task in chain if "parameterIterator" in task)
+        assert "prepare" in loop["dependentTasks"]
         assert t["inputs"]["artifacts"]["prepared"]["componentInputArtifact"]
         edag, e = all_tasks[evaluate]
         assert edag == dag and e["dependentTasks"] == [trainer]
@@ -89,10 +122,9 @@ def test_four_stages_in_order_on_both_training_paths(compiled) -> None:
         assert model_in == f"pipelinechannel--{trainer}-model"
         gate_dag, gate = enclosing(spec, rdag)
         assert gate_dag == dag and evaluate in gate["dependentTasks"]
-        # register is gated on evaluate's plain float output.
+        # register is gated on evaluate's plain float output: the library's threshold gate.
         condition = gate["triggerPolicy"]["condition"]
-        assert f"pipelinechannel--{evaluate}-Output" in condition and "<" in condition
-        assert "fid_threshold" in condition
+        assert condition == f"inputs.parameter_values['pipelinechannel--{evaluate}-Output'] == 1.0"
     for name in STAGES:
         assert any(n == name or n.startswith(name + "-") for n in all_tasks), name
 
@@ -166,7 +198,7 @@ def test_cluster_parameters(compiled) -> None:
         "num_nodes": "NUMBER_INTEGER",
         "gpus_per_node": "NUMBER_INTEGER",
         "pvc_name": "STRING",
-        "fid_threshold": "NUMBER_DOUBLE",
+        "variants": "LIST",
     }
     assert {k: v["parameterType"] for k, v in params.items()} == expected
 
@@ -195,4 +227,4 @@ def test_compiled_yaml_loads_back_into_kfp(tmp_path) -> None:
 
     path = compile_pipeline(Path(tmp_path / "p.yaml"), image="registry.example/cg:9")
     loaded = components.load_component_from_file(str(path))
-    assert set(loaded.component_spec.inputs) >= {"num_nodes", "gpus_per_node", "fid_threshold"}
+    assert set(loaded.component_spec.inputs) >= {"num_nodes", "gpus_per_node", "overrides"}

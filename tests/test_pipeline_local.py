@@ -11,27 +11,10 @@ import pytest
 import yaml
 
 from cyclegan.config import Config, MlflowConfig
-from pipeline.cli import local_tracking_uri
+from cyclegan_kfp.cli import local_tracking_uri
+from tests.train_support import PIPELINE_TINY
 
-TINY = {
-    "data": {
-        "load_size": 32,
-        "num_workers": 1,
-        "synthetic": {"image_size": 32, "n_train_a": 8, "n_train_b": 8, "n_test": 4},
-    },
-    "train": {
-        "epochs": 1,
-        "epochs_decay": 0,
-        "max_steps": 2,
-        "crop_size": 24,
-        "ngf": 4,
-        "ndf": 4,
-        "device": "cpu",
-        "log_every": 1,
-    },
-    "evaluate": {"device": "cpu", "batch_size": 8, "kid_subsets": 2, "num_samples": 2},
-    "register": {"model_name": "cyclegan-local-test"},
-}
+TINY = {**PIPELINE_TINY, "register": {"model_name": "cyclegan-local-test", "onnx": False}}
 
 
 def test_relative_sqlite_store_is_made_absolute(tmp_path, monkeypatch) -> None:
@@ -57,22 +40,40 @@ def test_a_failing_step_fails_the_run_with_one_line(cyclegan_exe, tmp_path, cli_
     )
     assert r.returncode == 1
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("cyclegan pipeline: error: the local pipeline run failed"), r.stderr
+    assert last.startswith("cyclegan pipeline run-local: error: the local pipeline run failed"), (
+        r.stderr
+    )
     assert "'prepare'" in last and "\x1b" not in last  # which step, without colour codes
     assert "no-such-folder" in r.stdout + r.stderr  # the step's own reason, in its log
 
 
 @pytest.mark.slow
-def test_run_local_trains_evaluates_and_registers_a_champion(
+def test_run_local_sweep_registers_the_best_and_shows_it_on_the_run_page(
     cyclegan_exe, tmp_path, cli_env
 ) -> None:
+    """Two variants train, evaluate and register in turn; the better one (by the library's
+    gate) holds the champion alias; each step leaves what the KFP run page shows: Metrics,
+    the evaluation's HTML report (sample grid and table), the registration's decision with
+    the model version, and the training's link to its MLflow run."""
     from mlflow.tracking import MlflowClient
 
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(TINY))
     env = {k: v for k, v in cli_env.items() if k != "MLFLOW_TRACKING_URI"}  # the default store
     r = subprocess.run(
-        [cyclegan_exe, "pipeline", "run-local", "--params", str(params), "--workdir", "kfp"],
+        [
+            cyclegan_exe,
+            "pipeline",
+            "run-local",
+            "--params",
+            str(params),
+            "--workdir",
+            "kfp",
+            "--variant",
+            "train.seed=1",
+            "--variant",
+            "train.seed=2 train.lr=0.001",
+        ],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -81,15 +82,39 @@ def test_run_local_trains_evaluates_and_registers_a_champion(
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     root = tmp_path / "kfp" / "pipeline_root"
-    (eval_json,) = root.rglob("evaluate*/metrics/eval.json")
-    metrics = json.loads(eval_json.read_text())
-    assert metrics["num_images_A2B"] == 4 and metrics["fid_A2B"] > 0
-    (register_json,) = root.rglob("register*/result/register.json")
-    assert list(root.rglob("train/model/G_A.safetensors"))
+    evals = [json.loads(p.read_text()) for p in root.rglob("evaluate*/metrics/eval.json")]
+    assert len(evals) == 2 and all(m["num_images_A2B"] == 4 for m in evals)
+    registers = [json.loads(p.read_text()) for p in root.rglob("register*/result/register.json")]
+    assert len(registers) == 2
+    assert len(list(root.rglob("train/model/G_A.safetensors"))) == 2
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns.db")
+    client = MlflowClient(
+        tracking_uri=f"sqlite:///{tmp_path}/mlruns.db",
+        registry_uri=f"sqlite:///{tmp_path}/mlruns.db",
+    )
     version = client.get_model_version_by_alias("cyclegan-local-test", "champion")
-    run = client.get_run(version.run_id)
-    assert run.data.metrics["fid_A2B"] == pytest.approx(metrics["fid_A2B"])
-    assert json.loads(register_json.read_text())  # the step's own record
+    champion_fid = client.get_run(version.run_id).data.metrics["fid_A2B"]
+    assert champion_fid == pytest.approx(min(m["fid_A2B"] for m in evals))
+    assert f"models:/cyclegan-local-test@champion is version {version.version}" in r.stderr
+
+    reports = [p.read_text() for p in root.rglob("evaluate*/report")]
+    assert len(reports) == 2
+    assert all("data:image/png;base64," in h and "fid_A2B" in h for h in reports)
+    decisions = [p.read_text() for p in root.rglob("register*/decision")]
+    assert len(decisions) == 2 and any(
+        f"models:/cyclegan-local-test/{version.version}" in d for d in decisions
+    )
+    summaries = [p.read_text() for p in root.rglob("train/summary")]
+    assert len(summaries) == 2 and all("MLflow run: run `" in m for m in summaries)
     assert not list(Path(tmp_path).glob("kfp/**/launch-trainjob"))  # single-node branch only
+
+
+def test_an_empty_sweep_is_refused_before_anything_runs(tmp_path) -> None:
+    from cyclegan.errors import ConfigError
+    from cyclegan_kfp.cli import check_variants
+
+    with pytest.raises(ConfigError, match="variants is empty"):
+        check_variants([])
+    with pytest.raises(ConfigError, match="variant 2"):
+        check_variants([["train.lr=0.001"], ["train.lr=fast"]])
+    assert check_variants(["train.lr=0.001 train.seed=3"]) == [["train.lr=0.001", "train.seed=3"]]

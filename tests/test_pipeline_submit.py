@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from cyclegan.errors import ConfigError, CycleGANError
-from pipeline.cli import parse_arguments, pipeline_parameters, resolve_token, submit
+from cyclegan_kfp.cli import parse_arguments, pipeline_parameters, resolve_token, submit
 
 
 @dataclass
@@ -101,7 +101,7 @@ def test_submit_sends_the_compiled_pipeline_and_typed_arguments(kfp_api, tmp_pat
             "num_nodes=2",
             "gpus_per_node=4",
             "pvc_name=shared",
-            "fid_threshold=80.5",
+            "overrides=register.threshold=80.5",
             "overrides=train.lr=0.0001",
             "overrides=train.batch_size=4",
             f"params=@{params}",
@@ -116,14 +116,13 @@ def test_submit_sends_the_compiled_pipeline_and_typed_arguments(kfp_api, tmp_pat
     assert run.body["display_name"] == "nightly" and run.body["experiment_id"] == "exp-1"
     spec = run.body["pipeline_spec"]["pipeline_spec"]
     assert spec["pipelineInfo"]["name"] == "cyclegan"
-    assert {"prepare", "condition-branches-1"} <= set(spec["root"]["dag"]["tasks"])
+    assert {"prepare", "for-loop-1"} <= set(spec["root"]["dag"]["tasks"])  # the variants loop
     assert "platform_spec" in run.body["pipeline_spec"]  # secrets, PVC, /dev/shm travel too
     assert run.body["runtime_config"]["parameters"] == {
         "num_nodes": 2,
         "gpus_per_node": 4,
         "pvc_name": "shared",
-        "fid_threshold": 80.5,
-        "overrides": ["train.lr=0.0001", "train.batch_size=4"],
+        "overrides": ["register.threshold=80.5", "train.lr=0.0001", "train.batch_size=4"],
         "params": "train:\n  epochs: 100\n",
         "mlflow_tracking_uri": "http://mlflow.mlflow:5000",
     }
@@ -161,7 +160,7 @@ def test_unknown_and_mistyped_arguments_fail_before_any_request(
     types = pipeline_parameters()
     for bad, expected in [
         ("num_nodes=two", "integer"),
-        ("fid_threshold=low", "number"),
+        ("gpus_per_node=1.5", "integer"),
         ("overrides=[1,", "JSON list"),
         ("novalue", "NAME=VALUE"),
         ("params=@/nonexistent/params.yaml", "cannot read"),
