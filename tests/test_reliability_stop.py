@@ -172,6 +172,30 @@ def test_second_ctrl_c_exits_at_once_while_mlflow_hangs(
     assert temp_files(work / "checkpoints", work / "models/cyclegan") == []
 
 
+@pytest.mark.slow
+def test_one_sigterm_fits_the_grace_period_while_mlflow_hangs(
+    tmp_path: Path, empty_store: Path, own_mlflow: OwnMlflowServer
+) -> None:
+    """Kubernetes sends SIGTERM once and SIGKILL 30 s later. With the tracking server hung,
+    the stop still ends well inside that: the checkpoint is written, the run's last records
+    and its end (KILLED) wait in the spool instead of in memory, exit 143."""
+    work = project(tmp_path, empty_store)
+    env = user_env(MLFLOW_TRACKING_URI=own_mlflow.uri)
+    with started(train_args("train.epochs=50", "train.checkpoint_every=1000"), work, env) as cli:
+        cli.wait_for(r"^step 4/")
+        with own_mlflow.frozen():
+            sent = cli.send(signal.SIGTERM)
+            rc = cli.wait(60)
+            took = time.monotonic() - sent
+    assert rc == 143, cli.stderr
+    print(f"\none SIGTERM while MLflow hangs: exit {took:.1f}s later")
+    assert took < 25, f"the stop took {took:.0f}s: a pod would be SIGKILLed at 30 s"
+    assert ckpt.list_checkpoints(work / "checkpoints")
+    pending = [json.loads(line) for f in (work / ".cyclegan/spool").glob("*.jsonl")
+               for line in f.read_text().splitlines()]  # fmt: skip
+    assert any(op["op"] == "terminate" and op["status"] == "KILLED" for op in pending), pending
+
+
 def _ranks(cli_pid: int) -> dict[int, psutil.Process]:
     ranks = {}
     for p in psutil.Process(cli_pid).children(recursive=True):
