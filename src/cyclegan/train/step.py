@@ -31,7 +31,7 @@ from cyclegan.train.losses import GANLoss, l1
 from cyclegan.train.pool import ImagePool
 from cyclegan.train.schedule import lr_multiplier
 
-# The contract's loss names (DESIGN.md), in the order train_step returns them.
+# The contract's loss names (the MLflow metrics docs/training.md lists), in train_step's order.
 LOSS_NAMES = (
     "loss_G",
     "loss_G_A",
