@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -93,8 +94,9 @@ class Spool:
         local = Path(local)
         if not local.exists():
             return
-        n = len(list(self.files.glob("*"))) if self.files.is_dir() else 0
-        dest = self.files / f"{n:05d}" / local.name
+        # A folder of its own per upload (the op list keeps the order): names never collide,
+        # also after sent uploads were removed.
+        dest = self.files / f"{time.time_ns():x}-{secrets.token_hex(3)}" / local.name
         dest.parent.mkdir(parents=True, exist_ok=True)
         if move:
             shutil.move(str(local), dest)

@@ -114,11 +114,6 @@ def _init_sqlite(uri: str) -> None:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def redact_uri(uri: str) -> str:
-    """The URI without credentials, for messages, tags and files."""
-    return redact(uri)
-
-
 def _auth_header(uri: str) -> dict[str, str]:
     """HTTP auth for ``uri`` the way MLflow's client sends it: user:password in the URI, or
     MLFLOW_TRACKING_USERNAME/PASSWORD, or MLFLOW_TRACKING_TOKEN."""

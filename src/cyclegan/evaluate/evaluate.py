@@ -45,7 +45,7 @@ from cyclegan.evaluate.inception import FEATURE_DIM, PREPROCESSING, FIDInception
 from cyclegan.evaluate.metrics import PSNR_CAP_DB, mean_psnr_ssim
 from cyclegan.fsio import write_json
 from cyclegan.hardware import apply_threads, resolve_device
-from cyclegan.log import progress_enabled
+from cyclegan.log import progress_enabled, redact
 from cyclegan.models.io import load_generator, read_model_json
 from cyclegan.paths import Paths
 from cyclegan.translate import translate_arrays
@@ -372,7 +372,7 @@ def log_to_mlflow(
         log.warning(
             "MLflow at %s is unreachable and no training run is known: the evaluation is in "
             "%s only",
-            tracking.redact_uri(uri),
+            redact(uri),
             paths.metrics,
         )
         return None
