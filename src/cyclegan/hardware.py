@@ -144,7 +144,8 @@ def choose_threads(
     if quota is not None and quota < cpus:
         cpus, why = max(1, math.floor(quota)), f"cgroup quota {quota:g} CPUs"
     elif quota is None and load_aware:
-        busy = runnable_others()
+        # The job's own other ranks on this node, starting at the same moment, are not others.
+        busy = max(0.0, runnable_others() - (local_ranks - 1))
         free = max(1, round(cpus - busy))
         if free < cpus:
             # Threads that must wait for preempted siblings at every barrier are slower than
