@@ -42,6 +42,21 @@ TINY = {
 STAGES = ("prepare", "train", "evaluate", "register")
 
 
+def user_env() -> dict[str, str]:
+    """A user's shell for dvc and git: the venv's bin first, no MLflow, AWS or DVC settings
+    from the parent, a git identity, no DVC analytics."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "DVC_"))}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@example.com",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@example.com",
+        DVC_NO_ANALYTICS="1",
+    )
+    return env
+
+
 def _merge(base: dict, extra: dict) -> dict:
     for k, v in extra.items():
         base[k] = _merge(base.get(k, {}), v) if isinstance(v, dict) else v
@@ -67,15 +82,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
     copy_project(work)
     params = _merge(yaml.safe_load((work / "params.yaml").read_text()), TINY)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "DVC_"))}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.update(
-        GIT_AUTHOR_NAME="t",
-        GIT_AUTHOR_EMAIL="t@example.com",
-        GIT_COMMITTER_NAME="t",
-        GIT_COMMITTER_EMAIL="t@example.com",
-        DVC_NO_ANALYTICS="1",
-    )
+    env = user_env()
     for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"]):
         _run(cmd, work, env)
     _run(["git", "commit", "-qm", "project"], work, env)

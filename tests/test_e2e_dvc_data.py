@@ -14,7 +14,6 @@ sqlite:///mlruns.db is used.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import zipfile
@@ -25,7 +24,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.test_e2e_dvc import STAGES, TINY, _merge, _ran, _run
+from tests.test_e2e_dvc import STAGES, TINY, _merge, _ran, _run, user_env
 from tests.train_support import copy_project
 
 pytestmark = pytest.mark.slow
@@ -89,19 +88,11 @@ def _make_project(work: Path) -> dict[str, str]:
     copy_project(work)
     params = _merge(yaml.safe_load((work / "params.yaml").read_text()), PARAMS)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "DVC_"))}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env = user_env()
     # The stages run this copy's code, as in a user's clone (installed editable), and Python
     # writes its bytecode beside it: DVC must not take that for a change.
     env["PYTHONPATH"] = str(work / "src")
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-    env.update(
-        GIT_AUTHOR_NAME="t",
-        GIT_AUTHOR_EMAIL="t@example.com",
-        GIT_COMMITTER_NAME="t",
-        GIT_COMMITTER_EMAIL="t@example.com",
-        DVC_NO_ANALYTICS="1",
-    )
     _run(["git", "init", "-q", "-b", "main"], work, env)
     _commit(work, env, "project")
     return env

@@ -663,15 +663,14 @@ def data_params(manifest: Mapping[str, Any]) -> dict[str, Any]:
     return {"source": redact(str(source.get("spec", ""))), **(manifest.get("params") or {})}
 
 
-def dataset_input(manifest: Mapping[str, Any], prepared: str | Path) -> Any | None:
-    """An MLflow dataset entity for the runs table's Dataset column: name, DVC hash, source,
-    and the split counts as its profile."""
+def dataset_input(manifest: Mapping[str, Any], prepared: str | Path, version: str) -> Any | None:
+    """An MLflow dataset entity for the runs table's Dataset column: name, DVC hash
+    (``version``, the run's data_version tag), source, and the split counts as its profile."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     if not manifest:
         return None
     source = manifest.get("source") or {}
-    version = data_version(prepared)
     digest = version.partition(":")[2][:36] or version[:36]
     counts = manifest.get("counts") or {}
     dataset = Dataset(
@@ -720,9 +719,10 @@ class TrainingRun:
                 redact(uri),
             )
         manifest = read_manifest(paths.prepared)
-        commit = git_commit()
+        provenance = provenance_tags(paths.prepared)
+        commit = provenance["git_commit"]
         tags = {
-            **provenance_tags(paths.prepared),
+            **provenance,
             "cyclegan.fingerprint": fingerprint,
             "mlflow.source.name": "cyclegan train",
             "mlflow.source.type": "JOB" if os.environ.get("KFP_POD_NAME") else "LOCAL",
@@ -735,7 +735,7 @@ class TrainingRun:
             run = c.create_run(exp_id, run_name=run_name(cfg, manifest), tags=tags)
             run_id, resumed = run.info.run_id, False
             log_params(c, run_id, params)
-            inputs = dataset_input(manifest, paths.prepared)
+            inputs = dataset_input(manifest, paths.prepared, provenance["data_version"])
             if inputs is not None:
                 c.log_inputs(run_id, datasets=[inputs])
         else:

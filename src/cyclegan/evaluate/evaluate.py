@@ -249,7 +249,7 @@ def evaluate(cfg: Config, paths: Paths) -> dict[str, float | int]:
         try:
             return inception.features(images, ecfg.batch_size, progress)
         finally:
-            t_network = time.perf_counter() - t
+            t_network += time.perf_counter() - t
             progress.close()
 
     table, counts = collect_features(sets, embed, cache)

@@ -110,6 +110,7 @@ def _train(cfg: Config, paths: Paths, dist: DistInfo, stop: StopRequest) -> dict
 
     # -- 3. Resume or start fresh: rank 0 decides and sends the checkpoint to every rank. --
     settings = ckpt.fingerprint_settings(cfg, dist.world_size, ckpt.data_identity(paths.prepared))
+    fingerprint = ckpt.fingerprint(settings)
     state = ckpt.resolve_resume(paths.checkpoints, tc.resume, settings) if master else None
     state = distributed.broadcast(dist, state)
     # Nothing in training draws from the global generators (the init, the pools and the data
@@ -142,7 +143,7 @@ def _train(cfg: Config, paths: Paths, dist: DistInfo, stop: StopRequest) -> dict
         global_batch,
         target,
         world_size=dist.world_size,
-        fingerprint=ckpt.fingerprint(settings),
+        fingerprint=fingerprint,
         tflop_per_step=count_step_flops(tc, tc.batch_size, tc.crop_size) * dist.world_size / 1e12,
         peak_tflops=peak * dist.world_size if peak else None,
     )
@@ -169,7 +170,7 @@ def _train(cfg: Config, paths: Paths, dist: DistInfo, stop: StopRequest) -> dict
 
     # -- 4. MLflow (rank 0): a new run, or the same run again when resuming. --
     if master:
-        out.run = tracking.TrainingRun.open(cfg, paths, uri, mlflow_ids, ckpt.fingerprint(settings))
+        out.run = tracking.TrainingRun.open(cfg, paths, uri, mlflow_ids, fingerprint)
     try:
         if out.run is not None:
             mlflow_ids = out.run.ids
